@@ -282,6 +282,22 @@ class Hyperparameters:
         _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
+    def with_data_root(self, root: str | os.PathLike | None) -> "Hyperparameters":
+        """Re-root the default `./data/...` paths (data_path, tokenizer_path) under `root`.
+
+        Explicit paths elsewhere are left alone; `root=None` returns self. Used for `GOLFNB_DATA_DIR` and the
+        notebooks' `data_dir` parameter.
+        """
+        if root is None or str(root) == "":
+            return self
+        changes = {}
+        for name in ("data_path", "tokenizer_path"):
+            v = getattr(self, name)
+            norm = v[2:] if v.startswith("./") else v
+            if norm == "data" or norm.startswith("data/"):
+                changes[name] = str(Path(root) / norm[len("data/"):]) if norm != "data" else str(root)
+        return dataclasses.replace(self, **changes) if changes else self
+
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
