@@ -788,6 +788,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ngram_order_max=6,
         ngram_table_bits=16,
         eval_budget_seconds=0.0,
+        ema_decay=0.9,  # a 40-step run: average the last ~10 steps, not the initial weights
     ),
 }
 

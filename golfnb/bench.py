@@ -1,0 +1,186 @@
+"""Training-throughput benchmark: tokens/s, ms/step, MFU and peak memory before and after recurrence.
+
+    python -m golfnb.bench --preset pr1514 --steps 20
+    python -m golfnb.bench --preset pr1514 --steps 20 --set attn_backend=sdpa_flash --json out.json
+
+It runs the trainer's own step function (same model, optimizer, compile and precision as `golfnb.train`) on
+real shards when the config's data is present, else on uniformly random tokens (throughput does not depend
+on the token values). Start-up (process start to the first timed step: imports, model build, compile and the
+warm-up steps of both graphs) is reported separately, as the records keep it off the clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_T_PROCESS = time.perf_counter()
+
+__all__ = ["run_bench", "SyntheticLoader", "main", "add_bench_parser"]
+
+
+class SyntheticLoader:
+    """Uniform random tokens with the train loader's interface (benchmarks only)."""
+
+    def __init__(self, vocab: int, device: torch.device, seed: int = 0):
+        self.vocab, self.device = vocab, device
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def next_batch(self, batch_seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, self.vocab, (batch_seqs, seq_len + 1), generator=self.gen)
+        t = t.to(self.device, non_blocking=True)
+        return t[:, :-1], t[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.gen.set_state(st["gen"])
+
+
+def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
+    from golfnb.train import _sync, train_step
+
+    out = []
+    for _ in range(n):
+        _sync(tr.device)
+        t0 = time.perf_counter()
+        loss = train_step(tr, lr_scale, update_ema=True)
+        loss.item()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None) -> dict[str, Any]:
+    from golfnb.attention import resolve_backend
+    from golfnb.distributed import init_distributed
+    from golfnb.model import build_model, count_parameters, flops_per_token
+    from golfnb.optim import EMA, build_optimizers
+    from golfnb.runlog import RunLogger
+    from golfnb.train import Trainer, _peak_flops, warmup
+
+    dist = init_distributed(cfg.device)
+    device = dist.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    loader = None
+    source = "synthetic"
+    if data in ("auto", "real") and Path(cfg.data_path).is_dir() and any(Path(cfg.data_path).glob("fineweb_train_*.bin")):
+        from golfnb.data.loaders import make_train_loader
+
+        loader = make_train_loader(cfg, dist.rank, dist.world_size, device)
+        source = "real"
+    elif data == "real":
+        raise SystemExit(f"--data real but no train shards under {cfg.data_path}")
+    if loader is None:
+        loader = SyntheticLoader(cfg.vocab_size, device, seed=cfg.seed + dist.rank)
+    model = build_model(cfg, device)
+    backend = resolve_backend(cfg.attn_backend, device)
+    model.set_attn_backend(backend)
+    fwd = model if cfg.compile_mode == "none" else torch.compile(
+        model, dynamic=False, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
+    bundle = build_optimizers(model, cfg, dist)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    tr = Trainer(cfg=cfg, run_dir=None, dist=dist, log=RunLogger(None, rank=dist.rank, echo=False), device=device,
+                 model=model, forward=fwd, bundle=bundle, loader=loader, ema=ema, val_tokens=None, luts=None,
+                 grad_accum=cfg.grad_accum_for(dist.world_size), micro_seqs=cfg.micro_batch_seqs(dist.world_size))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warmup(tr)
+    startup_s = time.perf_counter() - _T_PROCESS
+    peak = _peak_flops(device)
+    result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              "world_size": dist.world_size, "attn_backend": backend, "data": source,
+                              "params": count_parameters(model), "startup_s": round(startup_s, 1),
+                              "warmup_s": round(tr.warmup_s, 1), "tokens_per_step": cfg.train_batch_tokens,
+                              "torch": torch.__version__, "compile_mode": cfg.compile_mode}
+    phases = [("pre", False)] + ([("post", True)] if cfg.num_loops > 0 else [])
+    for name, looping in phases:
+        model.looping_active = looping
+        _time_steps(tr, 2)  # settle (allocator, clocks) after the switch
+        times = sorted(_time_steps(tr, steps))
+        med = times[len(times) // 2]
+        tok_s = cfg.train_batch_tokens / med
+        fpt = flops_per_token(cfg, looping)
+        result[name] = {"ms_per_step": round(1000 * med, 2), "ms_min": round(1000 * times[0], 2),
+                        "ms_max": round(1000 * times[-1], 2), "tok_s": round(tok_s),
+                        "tok_s_per_gpu": round(tok_s / dist.world_size),
+                        "mfu": round(fpt * tok_s / dist.world_size / peak, 4) if peak else None,
+                        "model_tflops_per_gpu": round(fpt * tok_s / dist.world_size / 1e12, 1)}
+        log(f"bench phase:{name} " + " ".join(f"{k}:{v}" for k, v in result[name].items()))
+    if device.type == "cuda":
+        result["peak_mem_alloc_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if profile_dir is not None:
+        result["profile"] = profile_steps(tr, phases, Path(profile_dir), log=log)
+    log("bench " + " ".join(f"{k}:{v}" for k, v in result.items() if not isinstance(v, dict)))
+    return result
+
+
+def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30) -> dict[str, str]:
+    """Profile one optimizer step per phase; write the kernel table (sorted by device time) per phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tr.device.type == "cuda" else [])
+    files = {}
+    for name, looping in phases:
+        tr.model.looping_active = looping
+        _time_steps(tr, 1)
+        with profile(activities=acts) as prof:
+            _time_steps(tr, 1)
+        key = "self_cuda_time_total" if tr.device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=90)
+        path = out_dir / f"profile_{name}.txt"
+        path.write_text(table)
+        files[name] = str(path)
+        log(f"profile phase:{name}\n{table}")
+    return files
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training throughput per phase (tok/s, ms/step, MFU, memory)")
+    _add_args(p)
+    p.set_defaults(func=lambda a: _run_from_args(a))
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="pr1514")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per phase (median reported)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", choices=("auto", "real", "synthetic"), default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--profile", metavar="DIR", help="also profile one step per phase; kernel tables into DIR")
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    import os
+
+    from golfnb.config import resolve
+    from golfnb.train import parse_overrides
+
+    cfg = resolve(args.preset, parse_overrides(args.set)).with_data_root(args.data_dir or os.environ.get("GOLFNB_DATA_DIR"))
+    res = run_bench(cfg, steps=args.steps, data=args.data, profile_dir=args.profile)
+    if args.json:
+        from golfnb.io import atomic_write_json
+
+        atomic_write_json(args.json, res)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m golfnb.bench", description=__doc__.split("\n")[0])
+    _add_args(p)
+    return _run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
