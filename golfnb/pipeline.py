@@ -224,7 +224,10 @@ def run_submission(cfg: Hyperparameters, code_path: str | Path, run_dir: str | P
     tr = prepare(cfg, run_dir, dist=dist)
     log = tr.log
     try:
-        log.log(f"code_bytes:{code_bytes} code_path:{code_path}")
+        from golfnb.io import sha256_file
+
+        # the identity of the file that runs: golfnb validate matches it against the shipped train_gpt.py
+        log.log(f"code_bytes:{code_bytes} code_path:{code_path} code_sha256:{sha256_file(code_path)}")
         warmup(tr)
         run_loop(tr)
         summary = finish(tr)

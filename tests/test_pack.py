@@ -4,6 +4,7 @@ the network blocked."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import re
 import shutil
@@ -130,7 +131,7 @@ def test_literal_is_exact(text):
 
 
 def test_wrapper_is_the_records_form(tmp_path):
-    cfg = pack.challenge_paths(preset("smoke", **E2E))
+    cfg = pack.submission_config(preset("smoke", **E2E))
     text, st = pack.pack_text(cfg)
     lines = text.splitlines()
     assert len(lines) == 2 and lines[0] == "import lzma as L,base64 as B"
@@ -197,6 +198,15 @@ def test_packed_submission_runs_end_to_end(tmp_path, shared_data, sp1024_model, 
     assert _line(r"Total submission size: (\d+) bytes", out) == code + model
     assert re.search(r"final_plain_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}", out)
     assert "gptq:collected 31 Hessians" in out
+    # code identity in the log (header and pipeline line) is the file that ran: what golfnb validate matches
+    from golfnb.validate import parse_log
+
+    sha = hashlib.sha256((sub / "train_gpt.py").read_bytes()).hexdigest()
+    facts = parse_log((sub / "train.log").read_text())
+    assert len(facts.code_hashes) == 2 and set(facts.code_hashes) == {sha}
+    assert facts.code_size == code and facts.total_bytes == code + model and "plain" in facts.finals
+    # the eval pass ran with the verdict measured at pack time
+    assert "legality:plain leaderboard-legal" in out
     # the artifact on disk is a verified golfnb artifact of that model
     from golfnb.artifact import load_artifact
 
@@ -289,3 +299,158 @@ def test_autoregressive_calibration_reads_no_data(tmp_path):
     q = pipeline.quantize_and_serialize(model, cfg, h, code_bytes=50_000, progress=False, log=lines.append)
     assert q.label == "int6+brotli" and q.pruned == 0 and len(q.blob) > 0 and torch.is_tensor(
         q.qmodel.tensors["tok_emb.weight"].data)
+
+
+# ================================================================================================ selection
+
+def _packed_modules(cfg) -> tuple[dict, "pack.PackedInfo"]:
+    text, _ = pack.pack_text(pack.submission_config(cfg))
+    return pack.payload_modules(pack.unwrap(text)), pack.inspect_packed(text)
+
+
+def test_selection_packs_only_what_the_eval_passes_use():
+    mods, info = _packed_modules(preset("smoke", **E2E))  # plain eval only
+    gone = {"golfnb.evals.tilt", "golfnb.evals.ngram", "golfnb.evals._ngram_kernel", "golfnb.evals.slot",
+            "golfnb.evals.ttt", "golfnb.evals.sliding"}
+    assert gone <= set(info.left_out) and info.methods == ["plain"]
+    for m in gone:  # served as small stand-ins, not as their source
+        assert len(mods[m][0]) < 400 and "Gone" in mods[m][0]
+    assert "def evaluate_plain" in mods["golfnb.evals.plain"][0]
+    _full_mods, full = _packed_modules(preset("smoke"))  # sliding + ttt + tilt
+    assert full.methods == ["plain", "sliding", "ttt+tilt"] and set(full.left_out) == {"golfnb.evals.slot"}
+    slot_cfg = preset("smoke", slot_enabled=True, final_eval="slot", ttt_enabled=False, ngram_tilt_enabled=False)
+    methods = pack.eval_method_keys(slot_cfg)
+    needs = {m for m, why in pack._method_modules(methods).items() if why is None}
+    assert methods == ["plain", "sliding", "slot:context_per_window"]
+    assert needs == {"golfnb.evals.slot", "golfnb.evals.sliding"}
+    # the legality checks themselves are never packed: a table of verdicts measured now stands in
+    assert "def check_method" not in mods["golfnb.legality"][0] and "VERDICTS" in mods["golfnb.legality"][0]
+
+
+def test_selected_pack_is_smaller_and_the_report_accounts_for_it():
+    cfg = preset("smoke", **E2E)
+    full, _ = pack.pack_text(pack.submission_config(cfg), select=False, level=1)
+    small, _ = pack.pack_text(pack.submission_config(cfg))
+    assert len(small) < 0.85 * len(full)
+    rep = pack.size_report(cfg)
+    assert rep["file_before"] == len(full) and rep["file_after"] == len(small)
+    rows = {r["module"]: r for r in rep["rows"]}
+    assert rows["golfnb.legality"]["status"] == "verdict table"
+    assert rows["golfnb.legality"]["after_lzma"] < rows["golfnb.legality"]["before_lzma"] / 2
+    assert rows["golfnb.evals.ttt"]["status"] == "stand-in" and rows["golfnb.model"]["status"] == "packed"
+    assert "train_gpt.py:" in pack.format_size_report(rep)
+
+
+def _exec_module(name: str, src: str, monkeypatch) -> dict:
+    """Execute one packed module's source as `name` (its golfnb._packed import served by a stand-in)."""
+    import types
+
+    ns: dict = {"__name__": name}
+    exec(compile(src, f"<packed {name}>", "exec"), ns)
+    mod = types.ModuleType(name)
+    mod.__dict__.update(ns)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return ns
+
+
+def test_standins_fail_loudly_and_keep_isinstance_working(monkeypatch):
+    mods, _info = _packed_modules(preset("smoke", **E2E))
+    _exec_module("golfnb._packed", mods["golfnb._packed"][0], monkeypatch)
+    tilt = _exec_module("golfnb.evals.tilt", mods["golfnb.evals.tilt"][0], monkeypatch)
+    gone = tilt["__getattr__"]("evaluate_tilt")
+    with pytest.raises(RuntimeError, match=r"golfnb.evals.tilt.evaluate_tilt is not in this train_gpt.py "
+                                           r"\(packed without the n-gram tilt"):
+        gone(None)
+    with pytest.raises(RuntimeError, match="pack again"):
+        "sliding" in tilt["__getattr__"]("TILT_BASES")  # noqa: B015 - membership is a use
+    # a def the config does not need: the loader classes other than the configured one
+    src = mods["golfnb.data.loaders"][0]
+    assert "class SequentialLoader:" in src and "def _fill" not in src.split("class SequentialLoader:")[1][:200]
+    loaders = _exec_module("golfnb.data.loaders", src, monkeypatch)
+    assert not isinstance(object(), loaders["SequentialLoader"])
+    with pytest.raises(RuntimeError, match=r"packed for loader='shuffled'"):
+        loaders["CoprimeStrideLoader"]([], seed=0)
+    assert "ShuffledSequenceLoader" in loaders and loaders["LOADERS"]["shuffled"] is loaders["ShuffledSequenceLoader"]
+
+
+def test_packed_verdicts_are_the_measured_ones(monkeypatch):
+    from golfnb.config import ConfigError
+    from golfnb.legality import legality_verdict
+
+    cfg = pack.submission_config(preset("smoke"))
+    mods, _info = _packed_modules(cfg)
+    leg = _exec_module("golfnb.legality", mods["golfnb.legality"][0], monkeypatch)
+    for m in ("plain", "sliding", "ttt+tilt"):
+        packed, real = leg["legality_verdict"](m, cfg), legality_verdict(m, cfg)
+        assert (packed.legal, packed.failed, packed.settings) == (real.legal, real.failed, real.settings)
+        assert set(real.as_dict()) <= set(packed.as_dict()) and "pack time" in packed.as_dict()["how"]
+    with pytest.raises(ConfigError, match=r"ttt\+tilt with settings .*'ttt_lr': 0.01.* pack again"):
+        leg["legality_verdict"]("ttt+tilt", cfg.replace(ttt_lr=0.01))
+    with pytest.raises(ConfigError, match="not among them"):
+        leg["legality_verdict"]("slot:standard", cfg)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"LOADER": "coprime"}, r"packed for .*loader='shuffled'.*asks for loader='coprime'"),
+    ({"TTT_ENABLED": "1"}, r"the legality verdicts measured when it was packed .*ttt .*pack again"),
+])
+def test_packed_file_refuses_settings_it_was_not_packed_for(tmp_path, env, message):
+    """Before any data is read or any training starts (there is no data in this folder)."""
+    r = pack.pack_submission(preset("smoke", **E2E), tmp_path / "train_gpt.py")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "GOLFNB_"))}
+    proc = subprocess.run([sys.executable, str(r.path)], cwd=tmp_path, env={**base, **env}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(message, proc.stdout), proc.stdout + proc.stderr
+    assert not (tmp_path / "train.log").exists()
+
+
+def test_identity_and_tamper_evidence():
+    from golfnb.provenance import code_hash
+
+    text, _ = pack.pack_text(pack.submission_config(preset("smoke", **E2E)))
+    info = pack.inspect_packed(text)
+    assert info.wrapper_ok and info.digest_ok and info.source_sha256 == code_hash()
+    payload = pack.unwrap(text)
+    assert pack.payload_digest(payload) in payload
+    edited = payload.replace("_M['golfnb.io']=(False,r'''", "_M['golfnb.io']=(False,r'''X=1\n", 1)
+    assert edited != payload and not pack.inspect_packed(pack.wrap(edited)).digest_ok
+    assert not pack.inspect_packed(text + "# trimmed\n").wrapper_ok
+
+
+def test_level2_minify_drops_variable_annotations_and_unused_imports():
+    src = textwrap.dedent('''
+        from __future__ import annotations
+        from dataclasses import dataclass
+        from typing import Any, Optional
+        import os
+
+        LIMIT: int = 3
+        NAMES: list[str]
+
+        @dataclass
+        class Cfg:
+            size: int = 3
+            name: Optional[str] = None
+
+        def f(x: Any) -> int:
+            y: int = x + LIMIT
+            z: Any
+            if y > 100:
+                w: int
+            return y
+    ''')
+    tree = pack._strip(ast.parse(src), src)
+    pack.tidy({"golfnb.m": tree})
+    out = ast.unparse(tree)
+    assert "LIMIT = 3" in out and "NAMES" not in out and "y = x + LIMIT" in out and "z" not in out.split("return")[0][-40:]
+    assert "size: int = 3" in out and "name: Optional[str] = None" in out  # dataclass fields keep theirs
+    assert "from typing import Optional" in out and "Any" not in out  # Any was only in annotations
+    assert "import os" in out  # a bare import may matter on its own: kept
+    ns: dict = {}
+    exec(compile(pack._unparse_compact(tree, "m"), "m", "exec"), ns)
+    assert ns["f"](4) == 7 and ns["Cfg"]().size == 3
+    # a name another module takes from this one stays
+    a, b = ast.parse("from typing import Any\n"), ast.parse("from golfnb.a import Any\n")
+    pack.tidy({"golfnb.a": a, "golfnb.b": b})
+    assert "Any" in ast.unparse(a)
