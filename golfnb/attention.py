@@ -5,6 +5,9 @@ Layout everywhere is the FlashAttention one: q [B, T, H, D], k and v [B, T, Hk, 
 
 - ``fa3``: FlashAttention-3 (`flash_attn_interface.flash_attn_func`), what the records ran on H100. Used only
   if the package is already installed; golfnb never downloads kernels.
+- ``fa2``: FlashAttention-2 (`flash_attn.flash_attn_func`, the `flash-attn` package, extra ``[flash]``); native
+  GQA like FA3. Never picked by ``auto``: it has not been timed against cuDNN SDPA on H100, so ask for it
+  explicitly (``attn_backend=fa2``) and compare with `golfnb bench`.
 - ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient``: PyTorch SDPA pinned to one kernel. On one H100 with
   PyTorch 2.11 the cuDNN kernel measured 2.6 ms against 3.9 ms for flash (fwd+bwd, 48 x 2048 tokens, 8 query /
   4 KV heads, head_dim 64), so ``auto`` prefers it when FA3 is absent.
@@ -25,12 +28,17 @@ import torch.nn.functional as F
 
 __all__ = ["attention", "resolve_backend", "available_backends", "BACKENDS"]
 
-BACKENDS = ("fa3", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math")
+BACKENDS = ("fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math")
 
 
 @functools.lru_cache(maxsize=None)
 def _fa3_available() -> bool:
     return importlib.util.find_spec("flash_attn_interface") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _fa2_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _sdpa_backend_enum(name: str):
@@ -54,6 +62,8 @@ def available_backends(device: torch.device | str) -> list[str]:
         major, _ = torch.cuda.get_device_capability(dev)
         if _fa3_available() and major == 9:
             out.append("fa3")
+        if _fa2_available() and major >= 8:
+            out.append("fa2")
     return out
 
 
@@ -118,6 +128,12 @@ def _fa3(q, k, v, causal: bool) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _fa2(q, k, v, causal: bool) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # optional accelerator, imported only if installed
+
+    return flash_attn_func(q, k, v, causal=causal)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               backend: str = "sdpa") -> torch.Tensor:
     """Scaled dot-product attention, scale 1/sqrt(D); q [B,T,H,D], k/v [B,T,Hk,D] -> [B,T,H,D].
@@ -128,4 +144,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return _math_attention(q, k, v, causal)
     if backend == "fa3":
         return _fa3(q, k, v, causal)
+    if backend == "fa2":
+        return _fa2(q, k, v, causal)
     return _sdpa(q, k, v, causal, backend)

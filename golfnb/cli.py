@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # argparse's REMAINDER drops leading options ("train --preset x"), so the trainer's own parser
+        # takes every argument after the word.
+        from golfnb.train import main as train_main
+
+        try:
+            return int(train_main(argv[1:]) or 0)
+        except ConfigError as e:
+            print(f"golfnb: configuration error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -51,7 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("shuffled", "sequential", "coprime"),
     "mlp_activation": ("leaky_relu2", "relu2"),
     "parallel_residual": ("none", "two_lane", "gptj", "routed"),
-    "attn_backend": ("auto", "fa3", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math"),
+    "attn_backend": ("auto", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math"),
     "grad_clip_mode": ("global", "per_rank"),
     "compressor": ("brotli", "lzma", "zstd"),
     "ttt_optimizer": ("sgd", "muon"),

@@ -56,7 +56,8 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
     methods: canonical method names (``plain``, ``sliding``, ``ttt+tilt``, ``slot:context_per_window`` ...);
     default: the config's own passes (cfg.eval_methods(), the final one with the tilt when enabled).
     source: ``artifact`` (the quantized, round-tripped model: what a submission scores) or ``final`` (the
-    unquantized final_model.pt). A method whose result file already exists is not re-run unless `force`.
+    unquantized final_model.pt). A method whose result file already exists for the same source and the same
+    overrides is not re-run unless `force`; other overrides run again and replace the file.
     """
     from golfnb.bpb import build_byte_luts
     from golfnb.data.loaders import load_validation_tokens
@@ -80,8 +81,18 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         model.looping_active = True
     if methods is None:
         methods = [method_key(p, cfg) for p in cfg.eval_methods()]
-    todo = [m for m in methods if force or read_eval(run_dir, m) is None]
-    results: dict[str, dict[str, Any]] = {m: read_eval(run_dir, m) for m in methods if m not in todo}
+    asked = dict(overrides or {})
+
+    def reusable(m: str) -> dict[str, Any] | None:
+        # a stored result answers only the same question: same model source, same eval overrides
+        prev = read_eval(run_dir, m)
+        if force or prev is None or prev.get("source", source) != source:
+            return None
+        return prev if prev.get("overrides", {}) == asked else None
+
+    stored = {m: reusable(m) for m in methods}
+    todo = [m for m in methods if stored[m] is None]
+    results: dict[str, dict[str, Any]] = {m: r for m, r in stored.items() if r is not None}
     if not todo:
         return results
     val = load_validation_tokens(cfg)
@@ -95,6 +106,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         res = run_method(m, model, val, cfg, luts, None, log=log)
         res["method"] = m
         res["source"] = source
+        res["overrides"] = asked
         res["leaderboard_legal"] = verdict.legal
         res["legality"] = verdict.as_dict()
         res["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -132,7 +144,8 @@ def run_stages(cfg: Hyperparameters | None, run_dir: str | Path, stages: Sequenc
 
 def main(argv: list[str] | None = None) -> int:
     from golfnb.config import resolve
-    from golfnb.train import parse_overrides
+    from golfnb.evals.common import EvalBudgetExceeded
+    from golfnb.train import INTERRUPT_EXIT_CODE, TrainingError, TrainingInterrupted, parse_overrides
 
     p = argparse.ArgumentParser(prog="python -m golfnb.headless", description=__doc__.split("\n")[0])
     p.add_argument("--preset")
@@ -154,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"golfnb.headless: configuration error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # bad data, artifact or packing input (ShardError, QuantError, PackError ...)
+        print(f"golfnb.headless: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"golfnb.headless: {e}", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
+    except (TrainingError, EvalBudgetExceeded) as e:
+        print(f"golfnb.headless: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(res, indent=2, default=str))
     return 0
 

@@ -319,7 +319,7 @@ def test_two_gloo_ranks_match_one_process(model, stream, cfg, luts, sliding_ref,
         port = s.getsockname()[1]
     out = tmp_path / "dist.pt"
     mp.spawn(_worker, args=(2, port, str(val_prefix_sp1024), str(sp1024_model), str(out)), nprocs=2, join=True)
-    got = torch.load(out)
+    got = torch.load(out, weights_only=True)
     one = {"sliding": sliding_ref[0], "ttt": evaluate_ttt(model, stream, cfg, luts),
            "tilt": evaluate_tilt(model, stream, cfg, luts, base="sliding")}
     for k, r in one.items():
