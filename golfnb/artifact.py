@@ -357,7 +357,7 @@ def check_model_config(qmodel: QuantizedModel, cfg: Hyperparameters) -> None:
 def model_from_artifact(source: str | Path | QuantizedModel, cfg: Hyperparameters,
                         device: torch.device | str = "cpu") -> torch.nn.Module:
     """A fresh model built from `cfg` with the artifact's dequantized weights (re-banked if cfg is banked),
-    in eval mode, looping on when the config loops (spec 4.8)."""
+    in eval mode, looping on when the config loops."""
     from golfnb.model import build_model
     from golfnb.quant import apply_quantized
 

@@ -1,4 +1,4 @@
-"""Exact val_bpb accounting: per-token UTF-8 byte counts from the SentencePiece model (spec 1.5).
+"""Exact val_bpb accounting: per-token UTF-8 byte counts from the SentencePiece model.
 
 The challenge scores bits per byte of the *normalised text the tokenizer sees*, so the denominator is not
 a file size but a sum over scored targets of the bytes each target token adds to the decoded text:

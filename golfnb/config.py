@@ -103,7 +103,7 @@ class Hyperparameters:
     leaky_relu_slope: float = 0.5
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
-    embed_bf16: bool = True  # tok_emb master weights in bf16, as every SP8192 record (spec 2.11)
+    embed_bf16: bool = True  # tok_emb master weights in bf16, as every SP8192 record
     logit_softcap: float = 30.0
     rope_base: float = 10_000.0
     rope_dims: int = 16  # partial RoPE: rotate the first rope_dims of each head (0 = full head)
@@ -339,7 +339,7 @@ class Hyperparameters:
         return self.num_loops > 0
 
     def layer_sequence(self, looping: bool) -> list[int]:
-        """Physical layer index of every virtual layer, in execution order (spec 2.7)."""
+        """Physical layer index of every virtual layer, in execution order."""
         L = self.num_layers
         if not (looping and self.num_loops > 0):
             return list(range(L))
@@ -617,7 +617,7 @@ _SP1024 = dict(
     vocab_size=1024,
 )
 
-# The older sp1024 stack of #1060 / #1135 / #1176 / #1217 (spec 2.12, 3.1): 11L, MLP 3x, BigramHash,
+# The older sp1024 stack of #1060 / #1135 / #1176 / #1217: 11L, MLP 3x, BigramHash,
 # SmearGate, value embeddings on layers 9-10, banked weights with Parallel Muon, coprime-stride loader,
 # RoPE hard-wired to 1024 while training at 2048 (so always NTK-scaled), warm-down by steps.
 _SP1024_SIDE_STACK = dict(
@@ -650,7 +650,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # QK 5.0, Muon 0.97, score-first TTT + causal n-gram token tilt. The dataclass defaults ARE this stack.
     "pr1514": {},
     # #1533 (5 seeds, 1.0790): parameter banks + Parallel Muon, loop 3-5 from 35 %, two-lane parallel
-    # residuals from layer 7, TTT. Values from its five logs, not its README (spec 8.1): Muon 0.99,
+    # residuals from layer 7, TTT. Values from its five logs, not its README: Muon 0.99,
     # QK 5.0, EMA 0.997, warmdown 0.667.
     "pr1533": dict(
         enable_looping_at=0.35,
@@ -672,7 +672,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         _SP1024_SIDE_STACK,
         qk_gain_init=4.0,
         muon_row_normalize=False,
-        gptq_enabled=False,  # the logged run had USE_GPTQ=0 (spec 8.3)
+        gptq_enabled=False,  # the logged run had USE_GPTQ=0
         gptq_reserve_seconds=0.0,
         ttt_optimizer="muon",
         ttt_lr=0.002,
@@ -685,7 +685,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         final_eval="ttt",
     ),
     # #1217 (sp1024 side stack, "non-record"): MuonEq-R, QK-gain 5.0, GPTQ inside a 9 s reserve,
-    # context-only SLOT. Its shared-delta form leaks (spec 5.6.2); golfnb's default here is the causal
+    # context-only SLOT. Its shared-delta form leaks; golfnb's default here is the causal
     # per-window delta, the shared form stays available as slot_variant=context_shared + allow_illegal.
     "pr1217": dict(
         _SP1024_SIDE_STACK,

@@ -1,4 +1,4 @@
-"""Executable legality checks for eval methods (spec 6; the challenge README and issue #1017's conditions).
+"""Executable legality checks for eval methods (the challenge README and issue #1017's conditions).
 
 A method is run on a small model and a short token stream, with an observer (golfnb.evals.common) that
 records every scoring (target index, reported NLL, the full log-probability vector actually used, the
@@ -262,7 +262,7 @@ def _other_token(tok: int, vocab: int, rng: np.random.Generator) -> int:
 def check_method(method: str | MethodFn, model: torch.nn.Module | None = None, tokens: Any = None,
                  cfg: Hyperparameters | None = None, luts: Any = None, *, n_positions: int = 4, seed: int = 0,
                  atol: float | None = None, checks: Sequence[str] = CHECKS) -> LegalityReport:
-    """Run the spec 6 checks on `method` (a canonical name, see golfnb.evals.runner, or a callable
+    """Run the legality checks on `method` (a canonical name, see golfnb.evals.runner, or a callable
     `fn(model, tokens, cfg, luts, *, observer, adapt_tokens) -> result dict`).
 
     Without a model: golfnb's tiny setting (`check_config(cfg, method)`, `make_check_model`,

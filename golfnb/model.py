@@ -10,7 +10,7 @@ One module covers the SP8192 stacks (#1394 ... #1533) and the older sp1024 stack
 - U-Net skips popped LIFO by decoder step, with sigmoid skip gates (#289/#1172) and resid_mix against x0.
 - Depth recurrence (#1204/#1394): the layer range loop_start..loop_end runs num_loops+1 times once
   `looping_active` is set; skip parameters are indexed by decoder step, as the records do.
-- Parallel residuals in all three forms the records use (spec 2.8): ``two_lane`` (#1477/#1533, two lanes and
+- Parallel residuals in all three forms the records use: ``two_lane`` (#1477/#1533, two lanes and
   a learned scalar merge), ``gptj`` (#1493/#1514, one lane, attention and MLP read the same input) and
   ``routed`` (#1204/#1530, two lanes with learned 2x2 routing and lane decay).
 - Parameter banking (#399): the matrices of one role stacked into one 3-D parameter so Newton-Schulz runs as
@@ -20,7 +20,7 @@ One module covers the SP8192 stacks (#1394 ... #1533) and the older sp1024 stack
 - Side-stack pieces of #1060/#1176/#1217: BigramHash embedding (#162), SmearGate (#65), value embeddings.
 - Tied embeddings with a logit soft-cap 30*tanh(z/30), cross-entropy on fp32 logits.
 
-Precision follows the records (spec 2.11): block matrices, banks and control tensors keep fp32 master
+Precision follows the records: block matrices, banks and control tensors keep fp32 master
 weights and run under bf16 autocast on CUDA; the tied token embedding keeps *bf16* master weights when
 `embed_bf16` is set (every SP8192 record does this: it is an nn.Embedding, not a cast linear). On CPU the model
 runs in fp32 so tests are exact.
@@ -40,7 +40,7 @@ from golfnb.config import ConfigError, Hyperparameters
 
 __all__ = ["GPT", "build_model", "count_parameters", "MATRIX_SUFFIXES", "apply_rotary", "xsa_project"]
 
-# per-layer matrix names, in the order the banks stack them (spec 2.9)
+# per-layer matrix names, in the order the banks stack them
 MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
                    "mlp.fc.weight", "mlp.proj.weight")
 
@@ -69,7 +69,7 @@ class HeadInput(nn.Identity):
 # ------------------------------------------------------------------------------------------------ rotary
 
 class Rotary(nn.Module):
-    """cos/sin tables for partial RoPE (spec 2.4).
+    """cos/sin tables for partial RoPE.
 
     Tables for lengths up to the reference length are slices of one precomputed buffer (so compiled graphs
     see plain tensors); above it the NTK-style rescale base' = base*(T/ref)^(rd/(rd-2)) applies to the whole
@@ -226,7 +226,7 @@ class Block(nn.Module):
                 parallel: bool) -> torch.Tensor:
         x_in = self.mix(x, x0)
         a = self.attn_out(x_in, ctx, w)
-        if parallel:  # GPT-J: attention and MLP read the same input (spec 2.8 variant B)
+        if parallel:  # GPT-J: attention and MLP read the same input (#1514's variant)
             return x_in + a + self.mlp_out(x_in, w)
         u = x_in + a
         return u + self.mlp_out(u, w)
@@ -338,7 +338,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Init of spec 2.10: tok_emb ~ N(0, std^2); orthogonal for matrices with both dims >= 64 (q, k, v, up);
+        """Init of the records: tok_emb ~ N(0, std^2); orthogonal for matrices with both dims >= 64 (q, k, v, up);
         zero for the output projections (o, down); control tensors at their neutral values."""
         cfg = self.cfg
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -374,7 +374,7 @@ class GPT(nn.Module):
         self.attn_backend = backend
 
     def param_roles(self) -> dict[str, str]:
-        """Optimizer role of every parameter: matrix (Muon), embed, head, or scalar (AdamW groups, spec 3.1)."""
+        """Optimizer role of every parameter: matrix (Muon), embed, head, or scalar (AdamW groups)."""
         roles = {}
         for name, p in self.named_parameters():
             if name.endswith("_bank") or (name.startswith("blocks.") and p.ndim == 2

@@ -1,5 +1,5 @@
 """Optimizers of the record stacks: Muon (with MuonEq-R), its two distributed forms, the AdamW groups, the
-wall-clock LR schedule, Muon momentum warm-up, and the EMA of the weights (spec section 3).
+wall-clock LR schedule, Muon momentum warm-up, and the EMA of the weights.
 
 Reading order:
 
@@ -7,14 +7,14 @@ Reading order:
    coefficients), batched over leading dimensions.
 2. `Muon`: the readable reference. One loop over parameters; a 3-D parameter (a bank, #399) is treated as a
    stack of independent matrices, so the maths per slice is exactly that of a 2-D parameter.
-3. `RoundRobinMuon` (spec 3.3a, the unbanked DDP stacks #1394 ... #1514): matrix i is orthogonalised only by
+3. `RoundRobinMuon` (the unbanked DDP stacks #1394 ... #1514): matrix i is orthogonalised only by
    rank i mod W (batched by shape on that rank), the results meet in one flat bf16 all-reduce.
-4. `ParallelMuon` (spec 3.3b, #399/#549 ... #1533): banks padded to a multiple of W on their leading axis,
+4. `ParallelMuon` (#399/#549 ... #1533): banks padded to a multiple of W on their leading axis,
    gradients reduce-scattered, each rank runs momentum + Newton-Schulz on its shard only, updates all-gathered.
    Unlike the records, the momentum shards live in `optimizer.state`, so saving and restoring optimizer state
-   (resume, or undoing the compile warm-up, spec 3.8) covers them.
+   (resume, or undoing the compile warm-up) covers them.
    Both run with any world size, one included (then without communication); the bundle always uses them.
-5. `OptimizerBundle` / `build_optimizers`: the parameter groups of spec 3.1 built from `model.param_roles()`,
+5. `OptimizerBundle` / `build_optimizers`: the parameter groups of the records built from `model.param_roles()`,
    gradient averaging across ranks (golfnb uses no torch DDP), gradient clipping, per-step LR and momentum,
    and a complete, world-size independent `state_dict`.
 6. `lr_multiplier`, `muon_momentum_at`, `EMA`.
@@ -118,7 +118,7 @@ def muon_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool, r
                    ns_steps: int, ns_fn: NSFn = zeropower_via_newtonschulz5) -> Tensor:
     """Advance the momentum buffer `buf` in place with `grad`; return the scaled orthogonalised update.
 
-    Works on a matrix or a stack of matrices (leading dims batched); every slice gets the maths of spec 3.2.
+    Works on a matrix or a stack of matrices (leading dims batched); every slice gets the same maths.
     The update is bf16 in every form (the records communicate it in bf16), so all forms apply the same numbers.
     """
     g = grad if grad.dtype == buf.dtype else grad.to(buf.dtype)
@@ -281,12 +281,12 @@ def _wait(handle: Any) -> None:
         handle.wait()
 
 
-# =========================================================================== 3.3a: round robin
+# =========================================================================== round robin
 
 
 class RoundRobinMuon(Muon):
     """Muon for 2-D matrices whose gradients are replicated (already averaged), with the work split across
-    ranks (spec 3.3a, the #1394 lineage) and batched by shape.
+    ranks (the #1394 lineage) and batched by shape.
 
     Matrix i (in parameter order) is orthogonalised only on rank i mod W, which alone holds its momentum.
     A rank's matrices of one shape are stacked so that Newton-Schulz runs once per shape rather than once
@@ -405,7 +405,7 @@ class RoundRobinMuon(Muon):
                 buf.copy_(b)
 
 
-# =========================================================================== 3.3b: Parallel Muon on banks
+# =========================================================================== Parallel Muon on banks
 
 
 @dataclass
@@ -424,7 +424,7 @@ class _BankBuffers:
 
 
 class ParallelMuon(Muon):
-    """Muon on 3-D parameter banks, sharded over ranks (Parallel Muon, #399; spec 3.3b).
+    """Muon on 3-D parameter banks, sharded over ranks (Parallel Muon, #399).
 
     Each bank [B, r, c] is padded to B' = W * ceil(B/W) slices. The step has three phases that
     OptimizerBundle interleaves with the AdamW step:
@@ -604,14 +604,14 @@ class ParallelMuon(Muon):
 
 
 def muon_momentum_at(cfg: Hyperparameters, step: int) -> float:
-    """Muon momentum warm-up by step (spec 3.2): linear from muon_momentum_warmup_start to muon_momentum."""
+    """Muon momentum warm-up by step: linear from muon_momentum_warmup_start to muon_momentum."""
     n = cfg.muon_momentum_warmup_steps
     f = 1.0 if n <= 0 else min(max(step, 0) / n, 1.0)
     return (1.0 - f) * cfg.muon_momentum_warmup_start + f * cfg.muon_momentum
 
 
 def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_s: float, avg_step_s: float | None = None) -> float:
-    """LR scale for every group (spec 3.5). No warm-up; a linear warm-down to min_lr at the end.
+    """LR scale for every group. No warm-up; a linear warm-down to min_lr at the end.
 
     * `warmdown_frac` form (SP8192 records): frac = elapsed / training_cap_seconds, or step / iterations when
       there is no clock (max_wallclock_seconds = 0); 1 before 1 - warmdown_frac, then
@@ -672,7 +672,7 @@ class OptimizerBundle:
         bundle.step(step, lr_scale)   # communicate, clip, AdamW + Muon
         bundle.zero_grad()
 
-    Groups (spec 3.1): role "matrix" -> Muon (lr matrix_lr, wd muon_wd); "embed" -> AdamW
+    Groups: role "matrix" -> Muon (lr matrix_lr, wd muon_wd); "embed" -> AdamW
     (tied_embed_lr, or embed_lr for an untied input embedding; wd embed_wd); "scalar" -> AdamW (scalar_lr,
     adam_wd); "head" -> AdamW (head_lr, no weight decay, as the records' plain Adam).
 
@@ -960,7 +960,7 @@ class OptimizerBundle:
 
 def build_optimizers(model: nn.Module, cfg: Hyperparameters, dist_ctx: DistContext | None = None,
                      **kwargs: Any) -> OptimizerBundle:
-    """The optimizers of spec 3.1 for `model` (see OptimizerBundle for the keyword options)."""
+    """The optimizers of the records for `model` (see OptimizerBundle for the keyword options)."""
     return OptimizerBundle(model, cfg, dist_ctx, **kwargs)
 
 
@@ -968,7 +968,7 @@ def build_optimizers(model: nn.Module, cfg: Hyperparameters, dist_ctx: DistConte
 
 
 class EMA:
-    """fp32 exponential moving average of a model's floating-point state (spec 3.6).
+    """fp32 exponential moving average of a model's floating-point state.
 
     `update(model)` after every optimizer step: ema <- d ema + (1 - d) theta. `copy_to(model)` casts back to
     each tensor's own dtype (a bf16 embedding comes back bf16). Non-float entries are not tracked.

@@ -1,4 +1,4 @@
-"""Pack a run into ONE self-contained `train_gpt.py`, the file the challenge counts (spec 4.7).
+"""Pack a run into ONE self-contained `train_gpt.py`, the file the challenge counts.
 
     golfnb pack runs/x --out submission/train_gpt.py [--report] [--full] [--no-minify]
 

@@ -1,5 +1,5 @@
 """Post-training quantization: Hessian calibration, full-Hessian GPTQ with SDClip scales, round-to-nearest,
-fp16 passthrough, and selective +-1 pruning to fit the byte cap (spec 4.1-4.4, 4.6).
+fp16 passthrough, and selective +-1 pruning to fit the byte cap.
 
 Pipeline, as in the SP8192 records:
 
@@ -7,7 +7,7 @@ Pipeline, as in the SP8192 records:
    on `model.head_in` (the final-norm output, the input of the tied-embedding logit matmul), summing
    H = (1/n_batches) * sum X^T X in fp32. q/k/v share the attention input, so one sum serves all three
    (the records still count them separately: 6 * 11 + 1 = 67 Hessians). Looped layers are hooked on every
-   pass. The seconds this takes are training-data time and count against `gptq_reserve_seconds` (spec 3.7).
+   pass. The seconds this takes are training-data time and count against `gptq_reserve_seconds`.
 2. `quantize_model`: every block matrix and the embedding get one SDClip scale per row,
    s_r = fp16(k * std(W_r) / Q_max) (#1394), and integer codes from GPTQ (#535/#634 lineage: act-order,
    lazy block updates, upper Cholesky factor of H^-1) or from round-to-nearest with the same scales.
@@ -225,7 +225,7 @@ def _accumulate_xtx(h: torch.Tensor, x: torch.Tensor) -> None:
 def collect_hessians(model: nn.Module, cfg: Hyperparameters, batches: Any, n_batches: int | None = None,
                      device: torch.device | str | None = None, *, batch_seqs: int | None = None,
                      seq_len: int | None = None, progress: bool = True, source: str = "train") -> Hessians:
-    """H = (1/n_batches) * sum over batches of X^T X (fp32) for every quantized matrix (spec 4.1).
+    """H = (1/n_batches) * sum over batches of X^T X (fp32) for every quantized matrix.
 
     `batches`: a train loader (`make_train_loader(...)`, read with next_batch(batch_seqs, seq_len)), a
     [N, T] tensor of token ids, or an iterable of x or (x, y). Only training data may be used (the loader
@@ -377,7 +377,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-Hessian GPTQ (spec 4.2): returns (int8 codes [r, c], fp16 SDClip scales [r]).
+    """Full-Hessian GPTQ: returns (int8 codes [r, c], fp16 SDClip scales [r]).
 
     Dead inputs (diag H = 0) are zeroed; H is damped by damp * mean(diag H); columns are processed in
     descending diag(H) order (act-order) in blocks of `block_size`, each column's rounding error fed back
@@ -696,7 +696,7 @@ def prune_entries(qmodel: QuantizedModel, n: int, groups: tuple[str, ...] = ("at
 def prune_to_fit(qmodel: QuantizedModel, code_bytes: int, limit: int,
                  serialize: Callable[[QuantizedModel], bytes], *, groups: tuple[str, ...] = ("attn", "mlp"),
                  log: Callable[[str], None] | None = None, max_compressions: int = 12) -> PruneResult:
-    """Selective +-1 pruning (spec 4.6) until code_bytes + len(serialize(model)) <= limit (decimal bytes).
+    """Selective +-1 pruning until code_bytes + len(serialize(model)) <= limit (decimal bytes).
 
     The |q| = 1 codes of `groups` are ranked by the loss of zeroing them, s_r^2, and a growing prefix of
     that ranking is zeroed. Instead of fixed 5 % batches (#1533) or a blind binary search (#1019), each

@@ -7,7 +7,7 @@ logs' `val_loss`:
 * an entry's per-seed `val_loss` is already nats/token;
 * a record given by `val_loss` (its mean, or its per-seed values) is used as is;
 * a record given only by `val_bpb` is converted with the bytes-per-token ratio of the validation stream,
-  rho = val_loss / (val_bpb * ln 2) = B / N_t (spec 1.5: val_bpb = L / (B ln 2), val_loss = L / N_t).
+  rho = val_loss / (val_bpb * ln 2) = B / N_t (val_bpb = L / (B ln 2), val_loss = L / N_t).
   rho depends only on the validation stream and the tokenizer, so it is the same for every seed of an
   entry and for a record scored on the same stream with the same tokenizer; we take it from the entry's
   seeds (each seed's record-equivalent is bpb_record * ln 2 * rho_seed). A record scored with a different

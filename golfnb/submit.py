@@ -117,7 +117,7 @@ class SeedRun:
 
     @property
     def train_s(self) -> float:
-        """What the train budget covers: the clocked loop plus GPTQ calibration (spec 6.7), as the packed
+        """What the train budget covers: the clocked loop plus GPTQ calibration, as the packed
         script's `gptq:train_time` line adds them."""
         return self.train_loop_s + self.calibration_s
 
@@ -278,7 +278,7 @@ def seed_log_text(run: SeedRun) -> str:
 
 # ================================================================================================ credits
 
-# technique -> (is it on?, credit), after the provenance table of the spec
+# technique -> (is it on?, credit), after the records' provenance
 _CREDITS: tuple[tuple[str, Any, str], ...] = (
     ("SP8192 tokenizer, GPTQ'd embeddings, SDClip, ShuffledSequenceLoader", lambda c: c.vocab_size == 8192, "#1394"),
     ("LeakyReLU(0.5)^2 MLP", lambda c: c.mlp_activation == "leaky_relu2", "#493, #518, #549"),

@@ -6,7 +6,7 @@
     python -m golfnb.train --config runs/x/config.json --set seed=42 --run-dir runs/y
     python -m golfnb.train --resume runs/x
 
-The loop follows the records (spec 3.5-3.8): `grad_accum_steps = 8 // world_size` so one GPU sees the
+The loop follows the records: `grad_accum_steps = 8 // world_size` so one GPU sees the
 eight-GPU batch; the learning-rate schedule and the depth-recurrence switch run on the fraction of the
 wall-clock budget (600 s minus the GPTQ reserve) that has elapsed; every rank agrees on the stop through an
 all-reduce(MAX). Compile warm-up steps (including the looped graph) run before the clock starts and leave no
@@ -491,7 +491,7 @@ def _sync(device: torch.device) -> None:
 
 
 def warmup(tr: Trainer) -> float:
-    """Compile warm-up off the clock (spec 3.8): the plain graph, then the looped one; then restore everything.
+    """Compile warm-up off the clock: the plain graph, then the looped one; then restore everything.
 
     On a resume this runs before the checkpoint is loaded, so whatever it touches is overwritten anyway."""
     cfg = tr.cfg
@@ -517,7 +517,7 @@ def warmup(tr: Trainer) -> float:
     if tr.ema is not None:
         from golfnb.optim import EMA
 
-        tr.ema = EMA(tr.model, cfg.ema_decay)  # initialised from the restored step-0 weights (spec 3.6)
+        tr.ema = EMA(tr.model, cfg.ema_decay)  # initialised from the restored step-0 weights
     _sync(tr.device)
     tr.warmup_s = time.perf_counter() - t0
     tr.log.log(f"warmup_s:{tr.warmup_s:.1f} (compile and warm-up, off the clock; all state restored)")
@@ -775,7 +775,7 @@ def run_loop(tr: Trainer) -> None:
         tr.log.log(f"train:nothing left step:{tr.step} elapsed_s:{tr.elapsed_s:.2f}")
     with _signals(tr):
         while not reached:
-            # recurrence switches on at a fraction of the budget (spec 2.7), stays on afterwards
+            # recurrence switches on at a fraction of the budget, stays on afterwards
             if cfg.num_loops > 0 and not tr.model.looping_active and tr.frac() >= cfg.enable_looping_at:
                 tr.model.looping_active = True
                 tr.looping_step = tr.step

@@ -91,7 +91,7 @@ def test_presets_hold_the_logged_values():
     assert (a2.muon_momentum, a2.qk_gain_init, a2.enable_looping_at, a2.parallel_residual) == (0.97, 5.0, 0.5, "gptj")
     assert (a2.loop_start, a2.loop_end, a2.num_loops, a2.warmdown_frac, a2.ema_decay) == (3, 5, 2, 0.667, 0.997)
     assert a2.ngram_tilt_enabled and a2.final_eval == "ttt" and a2.train_batch_tokens == 786_432
-    p1533 = preset("pr1533")  # its logs, not its README (spec 8.1)
+    p1533 = preset("pr1533")  # its logs, not its README
     assert (p1533.muon_momentum, p1533.qk_gain_init, p1533.ema_decay, p1533.warmdown_frac) == (0.99, 5.0, 0.997, 0.667)
     assert p1533.bank_params and p1533.parallel_residual == "two_lane" and p1533.matrix_lr == 0.022
     assert preset("pr1176").qk_gain_init == 4.0 and preset("pr1176").ttt_optimizer == "muon"

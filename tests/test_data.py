@@ -323,7 +323,7 @@ def test_loader_on_real_tokens(tmp_path, val_prefix_sp1024):
 
 
 def test_no_validation_shard_opened_while_training(tmp_path):
-    """Legality (spec 6.6): training and calibration loaders never open fineweb_val_*."""
+    """Legality: training and calibration loaders never open fineweb_val_*."""
     _positional_shards(tmp_path, [3000, 3000])
     write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(5000) % 1000)
     reset_opened_shards()

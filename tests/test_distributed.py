@@ -3,7 +3,7 @@
 The two-process tests start this file as a script twice, with the environment torchrun would set (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so `init_distributed` is exercised as in real runs. Each
 rank feeds its own synthetic gradients; the parent process replays the same steps in one process with the
-averaged gradients and checks the round-robin (spec 3.3a) and sharded Parallel Muon (3.3b) paths against
+averaged gradients and checks the round-robin and sharded Parallel Muon paths against
 it, with global-norm clipping, per-rank clipping, both collective implementations and a resume from a
 gathered state dict. The same worker runs on two GPUs with NCCL when they exist (marked gpu).
 """
@@ -220,7 +220,7 @@ def worker_main(out_dir: str, device_pref: str) -> None:
                          "ck_opt": ck_opt,
                          "ck_model": cpu(ck_model)}
 
-    # Compile warm-up restore (spec 3.8): a step-0 snapshot must clear the momentum shards.
+    # Compile warm-up restore: a step-0 snapshot must clear the momentum shards.
     m3 = Toy(True).to(dev)
     b3 = build_optimizers(m3, make_cfg(True), ctx)
     snap = b3.state_dict()

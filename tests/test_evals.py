@@ -100,7 +100,7 @@ def test_window_layout_covers_each_target_once_with_full_context():
 
 def test_sliding_matches_a_per_target_reference_window(model, stream, cfg, luts):
     """The batched fast path (padding, head on scored positions only) against a plain recomputation of
-    each sampled target's window from the spec's formula, unpadded."""
+    each sampled target's window from the sliding layout's formula, unpadded."""
     U, T, S = N_TOKENS - 1, cfg.eval_seq_len, cfg.eval_stride
     tr = ScoreTrace(want_logprobs=False)
     res = evaluate_sliding(model, stream, cfg, luts, observer=tr)

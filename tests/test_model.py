@@ -1,4 +1,4 @@
-"""Model: every switch changes the computation, and each technique matches its formula (spec section 2)."""
+"""Model: every switch changes the computation, and each technique matches its formula."""
 from __future__ import annotations
 
 import math
@@ -37,7 +37,7 @@ def ids(n=2, t=64, v=1024, seed=1):
 
 
 def test_parameter_counts_match_the_records():
-    # spec 2.1: 35,944,536 with loop 3-5 (n_skip 8), 35,943,512 with loop 4-5; #1533 adds lane_merge
+    # #1514's logged count: 35,944,536 with loop 3-5 (n_skip 8), 35,943,512 with loop 4-5; #1533 adds lane_merge
     assert count_parameters(build_model(preset("pr1514"))) == 35_944_536
     assert count_parameters(build_model(preset("pr1514", loop_start=4))) == 35_943_512
     assert count_parameters(build_model(preset("pr1533"))) == 35_944_537
@@ -120,7 +120,7 @@ def test_gptj_parallel_block_equals_its_formula():
 
 
 def _reference_hidden(m: GPT, tokens: torch.Tensor) -> torch.Tensor:
-    """An independent transcription of spec 2.2/2.6/2.8 using the blocks' attention and MLP as black boxes."""
+    """An independent transcription of the block maths (attention, MLP, residual mixing) using the blocks' attention and MLP as black boxes."""
     cfg = m.cfg
     x = rms_norm(m.tok_emb(tokens).float())
     x0 = x

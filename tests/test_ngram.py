@@ -1,5 +1,5 @@
 """Causal n-gram tilt (golfnb.evals.ngram): the C kernel against the Python reference and an exact-key
-oracle on the real validation prefix, the legality properties of spec 6 (prefix invariance,
+oracle on the real validation prefix, the legality properties (prefix invariance,
 self-exclusion, normalisation), "off means off" for the word experts, the tilt arithmetic, the lazy build
 and its fallback, and the speed target."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _read_bin(path: Path) -> np.ndarray:
 
 
 def _luts(model: Path) -> tuple[np.ndarray, np.ndarray]:
-    """is_boundary / has_leading_space from golfnb.bpb (spec 1.5), as numpy arrays for the tests' indexing."""
+    """is_boundary / has_leading_space from golfnb.bpb, as numpy arrays for the tests' indexing."""
     luts = build_byte_luts(model)
     return luts.is_boundary.numpy(), luts.has_leading_space.numpy()
 
@@ -138,7 +138,7 @@ def test_best_count_saturation_and_takeover_match_oracle(kernel):
     assert (h[-20:] != -1).all()
 
 
-# ---------------------------------------------------------------------------- legality (spec 6)
+# ---------------------------------------------------------------------------- legality
 
 @pytest.mark.parametrize("settings", [RECORD, {**SMALL, **WORDS}], ids=["record", "small+words"])
 def test_prefix_invariance(kernel, sp8192, settings):

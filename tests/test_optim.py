@@ -437,7 +437,7 @@ def test_state_dict_resume_is_bit_identical(banked):
 
 @pytest.mark.parametrize("banked", [False, True])
 def test_restoring_step0_snapshot_forgets_warmup(banked):
-    # The compile warm-up of spec 3.8: snapshot, train, restore. Afterwards training must equal a fresh run
+    # The compile warm-up of the records: snapshot, train, restore. Afterwards training must equal a fresh run
     # (no momentum or Adam moments leak from the thrown-away steps).
     cfg = cfg_for(banked)
     mf = Toy(banked=banked)

@@ -106,7 +106,7 @@ def test_hessian_count_for_eleven_layers():
     model = build_model(cfg)
     x = torch.randint(0, cfg.vocab_size, (4, 32))
     h = collect_hessians(model, cfg, x, n_batches=1, batch_seqs=4, progress=False)
-    assert len(h) == 67  # "collected 67 Hessians" (spec 4.1)
+    assert len(h) == 67  # "collected 67 Hessians"
 
 
 def test_banked_model_gives_same_hessians_and_codes(trained, calib, hessians):
@@ -210,7 +210,7 @@ def test_dead_columns():
     q, s = gptq_quantize(W, H, 6, 12.85)
     assert int(q[:, [5, 17, 40]].abs().sum()) == 0
     assert torch.isfinite(s.float()).all() and int(q[:, 0].abs().sum()) > 0
-    # the scales come from the original weights, dead columns included (spec 4.2)
+    # the scales come from the original weights, dead columns included
     assert torch.equal(s, sdclip_scales(W, 6, 12.85))
 
 

@@ -86,7 +86,7 @@ def test_significance_picks_the_test_and_the_verdict():
 
 
 def test_bpb_and_nats_conversions_use_the_bytes_per_token_ratio():
-    # SP8192's stream: 40,540,160 targets, 151,078,222 bytes (spec 1.3)
+    # SP8192's stream: 40,540,160 targets, 151,078,222 bytes
     rho = 151_078_222 / 40_540_160
     loss = 2.7918
     bpb = loss / (math.log(2) * rho)

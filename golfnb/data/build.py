@@ -1,6 +1,6 @@
 """Tokenize local text into challenge shards (`golfnb data build`).
 
-Same export rules as the challenge's pipeline (spec 1.1): each document becomes `[BOS=1] + encode(text)`
+Same export rules as the challenge's pipeline: each document becomes `[BOS=1] + encode(text)`
 with no EOS, its `text` encoded as-is (the tokenizer's nmt_nfkc normaliser does the cleaning); documents
 run back to back and shards are cut every `shard_tokens` tokens (10^8 by default), so a document may
 straddle two shards. The first `val_docs` documents (or every document of `val_inputs`) go to

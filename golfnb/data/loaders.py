@@ -1,4 +1,4 @@
-"""Training loaders of the record stacks (spec 1.4 a, b, c) and the validation stream (spec 1.3).
+"""Training loaders of the record stacks and the validation stream.
 
 All three train loaders share one interface::
 
@@ -228,7 +228,7 @@ def _set_rng_state(g: np.random.Generator, s: dict[str, Any]) -> None:
 
 
 class SequentialLoader(_TrainLoader):
-    """One cursor over the concatenated sorted shards, wrapping after the last (spec 1.4 a). Each step
+    """One cursor over the concatenated sorted shards, wrapping after the last. Each step
     takes W*(B*T+1) consecutive tokens and rank r uses slice r. The start position is seed-derived."""
 
     kind = "sequential"
@@ -279,7 +279,7 @@ class SequentialLoader(_TrainLoader):
 
 
 class CoprimeStrideLoader(_TrainLoader):
-    """Spec 1.4 b. All ranks run the same RNG and build the same global list of W*batch_seqs windows; rank r
+    """The `coprime` loader. All ranks run the same RNG and build the same global list of W*batch_seqs windows; rank r
     takes windows r, r+W, ... Per shard the block order is (start + j*stride) mod blocks with gcd = 1, a full
     permutation without storing one; it is re-drawn (new phase, start, stride) when exhausted."""
 
@@ -390,7 +390,7 @@ class CoprimeStrideLoader(_TrainLoader):
 
 
 class ShuffledSequenceLoader(_TrainLoader):
-    """Spec 1.4 c. Rank r owns shards r, r+W, ... (or segment r of every shard when there are fewer shards
+    """The `shuffled` loader. Rank r owns shards r, r+W, ... (or segment r of every shard when there are fewer shards
     than ranks). Each owned unit gets a random phase and a random permutation of its sequence starts
     phase + k*T; each row picks a unit with probability proportional to its remaining starts.
 

@@ -1,6 +1,6 @@
 """Token shards in the challenge's binary format, their manifest, and a record of which shards were opened.
 
-Format (spec 1.2): a 1024-byte header of 256 little-endian int32 (`[0]` = 20240520 magic, `[1]` = 1
+Format: a 1024-byte header of 256 little-endian int32 (`[0]` = 20240520 magic, `[1]` = 1
 version, `[2]` = token count, the rest 0), then the token ids as little-endian uint16. Every document
 starts with BOS (id 1); there is no EOS, so BOS is the only document boundary.
 
@@ -13,8 +13,7 @@ names, token counts, sha256, document counts, the tokenizer path and hash, the v
 that made it. `verify_dir` checks a folder against it.
 
 Opened-shard record: `open_shard` and `read_header` note every path they open in a process-wide list, so a
-legality test can assert that no `fineweb_val_*` file was opened during training or GPTQ calibration
-(spec 6, item 6). Every reader in golfnb goes through these two functions.
+legality test can assert that no `fineweb_val_*` file was opened during training or GPTQ calibration. Every reader in golfnb goes through these two functions.
 """
 from __future__ import annotations
 

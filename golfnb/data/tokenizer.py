@@ -1,6 +1,6 @@
 """Train a SentencePiece tokenizer with the challenge's settings (`golfnb data tokenizer`).
 
-Settings of every official `sp<N>` model (spec 1.1): BPE, character_coverage 0.999, byte fallback, digits
+Settings of every official `sp<N>` model: BPE, character_coverage 0.999, byte fallback, digits
 split, nmt_nfkc normalisation, no dummy prefix, pad/bos/eos/unk = 0/1/2/3, hard_vocab_limit off. Training
 text maps NUL to a space and strips each document; empty documents are skipped (the challenge does the
 same; shard export, in contrast, encodes the raw text).

@@ -1,17 +1,17 @@
 """What every eval method shares: the window layout, byte-exact scoring, the eval budget, and the hooks
 the legality checks listen on.
 
-Scoring (spec 1.5). A method hands `Scorer.score` fp32 logits for a grid of positions, the *global* index
+Scoring. A method hands `Scorer.score` fp32 logits for a grid of positions, the *global* index
 p of each position's target token v[p] (1 <= p <= U) and a mask of the positions it really scores. The
-scorer takes NLL from fp32 cross-entropy, optionally tilts it (n-gram tilt, spec 5.7), credits
+scorer takes NLL from fp32 cross-entropy, optionally tilts it (n-gram tilt), credits
 bytes(p) = golfnb.bpb.target_bytes(v[p-1], v[p]) and keeps fp64 sums on the device (no host sync per
 batch); `Scorer.finish` all-reduces them once (golfnb.bpb.BpbAccumulator) and returns val_loss / val_bpb.
 
-Windows (spec 5.2, the SP8192 scheme). With U targets, window length T and stride S (ctx = T - S):
+Windows (the SP8192 scheme). With U targets, window length T and stride S (ctx = T - S):
 window 0 scores targets 1..min(T, U); window ws = kS (k >= 1, while ws + ctx < U) reads v[ws : ws+wlen]
 and scores its positions [ctx, wlen), i.e. targets ws+ctx+1 .. ws+wlen. Every target is scored exactly
 once and, past the first window, with at least ctx tokens of context. The older #549/#1176/#1217 layout
-re-scored the tail (spec 5.2); it is not reproduced. With S = T this is exactly the plain layout.
+re-scored the tail; it is not reproduced. With S = T this is exactly the plain layout.
 
 Budget. `BudgetClock` projects the wall time of a pass from its first units (batches or chunks), logs the
 projection once, and raises `EvalBudgetExceeded` when the projection (or the elapsed time) passes the
@@ -19,7 +19,7 @@ budget, unless the caller asked to continue. Under several ranks the projection 
 all-reduce(MAX) at unit counts every rank reaches, so all ranks stop together and no collective is left
 waiting.
 
-Observation (spec 6). An `EvalObserver` receives every scoring (targets, reported NLL, optionally the full
+Observation. An `EvalObserver` receives every scoring (targets, reported NLL, optionally the full
 log-probability vector actually used, and the adaptive states the scores depend on) and every state
 mutation (which state, the largest target index whose token it consumed). Methods report what their code
 really did (indices are read off the masks and row ranges used in the losses), and `golfnb.legality`
@@ -244,7 +244,7 @@ class WindowPlan:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> WindowPlan:
-    """The SP8192 sliding layout (spec 5.2): every target scored once, each with the most context."""
+    """The SP8192 sliding layout: every target scored once, each with the most context."""
     if n_targets < 1:
         raise ValueError(f"need at least one target, got a stream of {n_targets + 1} tokens")
     if not (1 <= stride <= seq_len):
@@ -259,7 +259,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> WindowPlan:
 
 
 def plain_windows(n_targets: int, seq_len: int) -> WindowPlan:
-    """Non-overlapping windows of seq_len; the last may be shorter (spec 5.1)."""
+    """Non-overlapping windows of seq_len; the last may be shorter."""
     return sliding_windows(n_targets, seq_len, seq_len)
 
 

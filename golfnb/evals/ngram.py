@@ -28,7 +28,7 @@ disabled expert emits nothing at all):
   followed the key, so conf estimates P(hint | prefix) under exactly the gate used at lookup. (PR #1420
   gated them on `is_boundary[v[p]]` / `has_leading_space[v[p]]`, leaking 1-2 bits of the target per
   position.) Both are off by default (#1514 runs them at beta 0; the record's kernel still let them emit
-  beta-0 candidates that could add the agreement bonus, see spec 5.7; here off means off).
+  beta-0 candidates that could add the agreement bonus; here off means off).
 
 Combination: every candidate whose hint equals another candidate's gets +agree_bonus (once); the largest
 beta wins (ties: token, within, word).
@@ -37,7 +37,7 @@ Tables: open addressing, 16-byte slots keyed by full 64-bit hashes (a non-linear
 murmur3 finaliser), linear probing over at most 256 slots; an insert that finds no slot is dropped and
 counted. Two distinct contexts share a key with probability 2^-64, i.e. ~3e-5 expected collisions per
 order over the ~35M distinct contexts of the 40.5M-token validation set. The record's key is an XOR of
-token x prime products; with primes below 2^18 (as all of those listed in spec 5.7 are) and 13-bit token
+token x prime products; with primes below 2^18 (as all of those #1514 uses are) and 13-bit token
 ids it has at most 31 significant bits, so by the birthday bound ~3e5 pairs of distinct contexts per
 order share a key there. Each context table
 has a power-of-two number of slots >= 2x the number of insertions (one per target), capped at
@@ -188,7 +188,7 @@ class NgramTilt:
     def precompute(self, tokens: Any, *, is_boundary: Any = None, has_leading_space: Any = None,
                    backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         """(hints int32 [N], betas float32 [N]) for the stream `tokens`; index p refers to target v[p],
-        hints[0] = -1. `is_boundary` / `has_leading_space` are the per-token LUTs of golfnb.bpb (spec 1.5),
+        hints[0] = -1. `is_boundary` / `has_leading_space` are the per-token LUTs of golfnb.bpb,
         needed only when a word expert is on. backend: "auto" (C kernel, else the reference with a
         warning), "c" (C kernel or an error) or "python" (the reference)."""
         r = self.run(tokens, is_boundary=is_boundary, has_leading_space=has_leading_space, backend=backend)
@@ -655,7 +655,7 @@ def tilt_nll(logits: torch.Tensor, targets: torch.Tensor, hints: Any, betas: Any
     tilt, those positions keep their NLL bit for bit). `nll`, if given, is the plain per-position NLL the
     caller already computed (e.g. fp32 cross-entropy) and is used as the base; otherwise the base is
     logsumexp(logits) - logit[y]. The tilt term log Z - beta [y = h] is computed in fp64 from
-    p(h) = exp(logit_h - logsumexp) (spec 5.7). Works on CPU and CUDA (everything follows logits.device).
+    p(h) = exp(logit_h - logsumexp). Works on CPU and CUDA (everything follows logits.device).
     """
     V = logits.shape[-1]
     lg = logits.reshape(-1, V)

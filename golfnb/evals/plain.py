@@ -1,4 +1,4 @@
-"""Plain evaluation: non-overlapping windows of eval_seq_len, every position scored (spec 5.1).
+"""Plain evaluation: non-overlapping windows of eval_seq_len, every position scored.
 
 The cheapest honest number and the one the trainer uses for periodic validation. The first tokens of each
 window see little context, so it reads ~0.02 bpb worse than the sliding pass on the record models; it is a

@@ -84,12 +84,12 @@ def run_evals(model: torch.nn.Module, val_tokens: Any, cfg: Hyperparameters, lut
       checks stops the run here, before any evaluation, unless cfg.allow_illegal; with it the pass runs
       and its result says `leaderboard_legal: False`. SLOT passes are always checked (they gate);
       `check_legality=False` skips the others (their `leaderboard_legal` is then None).
-    * Looping (depth recurrence) is switched on for every pass when cfg.num_loops > 0 (spec 2.7) and put
+    * Looping (depth recurrence) is switched on for every pass when cfg.num_loops > 0 and put
       back afterwards.
     * One eval budget (cfg.eval_budget_seconds unless `budget_seconds`) covers all passes together, as the
       challenge's 600 s does: each pass gets what the earlier ones left.
     * TTT restores the weights it trained, so each pass sees the same model (#1176 scored SLOT on a
-      TTT-adapted model; spec 5.6.1).
+      TTT-adapted model).
 
     Each result gets `pass`, `is_final` (the pass named by cfg.final_eval: its val_bpb is the submission's
     number), `leaderboard_legal` and `legality`.

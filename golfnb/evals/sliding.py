@@ -1,4 +1,4 @@
-"""Sliding-window evaluation (spec 5.2, the SP8192 scheme): window eval_seq_len, stride eval_stride, every
+"""Sliding-window evaluation (the SP8192 scheme): window eval_seq_len, stride eval_stride, every
 target scored exactly once with the most context the window allows.
 
 Window 0 scores targets 1..T; window ws = k*S (k >= 1) scores its last S positions, so every target past

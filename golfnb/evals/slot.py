@@ -1,5 +1,5 @@
-"""SLOT family: eval-time optimisation of a small additive vector at the last hidden layer (spec 5.6;
-Hu et al., arXiv:2505.12392, via #1128/#1172).
+"""SLOT family: eval-time optimisation of a small additive vector at the last hidden layer
+(Hu et al., arXiv:2505.12392, via #1128/#1172).
 
 The model splits into `hidden(x)` (everything through the final RMSNorm) and the head
 `30 tanh(h E^T / 30)`. Per batch of sliding windows (golfnb's SP8192 layout, not the records' older one):
@@ -22,7 +22,7 @@ loss and how the parameter is shared:
   loss on *exactly* the scored positions, lr cosine from slot_lr to slot_lr/10 over the steps.
 
 Which of these are leaderboard-legal is not asserted here: `evaluate_slot` asks golfnb.legality, which runs
-the spec 6 checks on a small model (cached per variant and settings). A variant that fails runs only with
+the legality checks on a small model (cached per variant and settings). A variant that fails runs only with
 allow_illegal=True, and its result carries `leaderboard_legal: False`.
 
 `slot_pass` is the bare algorithm (what the legality checks run); `evaluate_slot` adds the gate and labels.

@@ -1,10 +1,10 @@
-"""The n-gram tilt pass (#1514 A2, spec 5.7): causal n-gram hints, applied at scoring time over the sliding
+"""The n-gram tilt pass (#1514 A2): causal n-gram hints, applied at scoring time over the sliding
 or the score-first TTT pass.
 
 1. Precompute (`compute_hints`): golfnb.evals.ngram scans the stream once, left to right, and gives every
    target index p a hint token and a strength beta, both functions of v[0..p-1] only. As in the record it
    runs on rank 0 and the result is broadcast. Its wall time is part of the pass (phase
-   `ngram_precompute`, 33 s in A2 and left out of that README's eval time, spec 7).
+   `ngram_precompute`, 33 s in A2 and left out of that README's eval time).
 2. Scoring: at every scored position with a hint, the model's distribution p becomes
    p'(t) = p(t) e^{beta [t = h]} / Z, Z = 1 + p(h)(e^beta - 1), a normalised distribution over the whole
    vocabulary (golfnb.evals.ngram.tilt_nll, fp64). Positions without a hint keep their NLL bit for bit.

@@ -1,5 +1,5 @@
-"""Score-first test-time training (spec 5.3, PR #461's recipe as run by #549/#1413/#1477/#1493/#1514/#1533)
-and its Muon form (spec 5.4, #1176 from #1135).
+"""Score-first test-time training (PR #461's recipe as run by #549/#1413/#1477/#1493/#1514/#1533)
+and its Muon form (#1176 from #1135).
 
 The stream's targets are cut into chunks of C = ttt_chunk_tokens: chunk c holds targets (cC, (c+1)C].
 For each chunk in order:
@@ -30,7 +30,7 @@ gradients), and the loss is normalised by the *global* token count of the step, 
 the same update as one process.
 
 The weights are restored at the end (`restore_weights=True`), so a later pass never sees a model trained
-on validation tokens. (#1176's SLOT pass ran on the TTT-adapted model and re-scored every token, spec 5.6.1.)
+on validation tokens. (#1176's SLOT pass ran on the TTT-adapted model and re-scored every token.)
 """
 from __future__ import annotations
 
