@@ -146,6 +146,7 @@ class Trainer:
     checkpoint_step: int | None = None  # step of the checkpoint written or loaded last
     resumed_from: int | None = None
     warmup_s: float = 0.0
+    compile_cache: Any = None  # golfnb.compile_cache.CacheState when compiling
 
     @property
     def tokens_per_step(self) -> int:
@@ -420,7 +421,12 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
     backend = resolve_backend(cfg.attn_backend, device)
     model.set_attn_backend(backend)
     forward: Callable[..., torch.Tensor] = model
+    cache_state = None
     if cfg.compile_mode != "none":
+        from golfnb import compile_cache
+
+        # before the first compiled call: artifacts persisted by an earlier run turn compilation into hits
+        cache_state = compile_cache.load(cfg, device, dist.world_size, run_dir)
         kwargs = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
         forward = torch.compile(model, dynamic=False, **kwargs)
     bundle = build_optimizers(model, cfg, dist)
@@ -434,7 +440,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
             atomic_write_json(run_dir / "env.json", env)
     tr = Trainer(cfg=cfg, run_dir=run_dir, dist=dist, log=log, device=device, model=model, forward=forward,
                  bundle=bundle, loader=loader, ema=ema, val_tokens=val_tokens, luts=luts,
-                 grad_accum=grad_accum, micro_seqs=micro)
+                 grad_accum=grad_accum, micro_seqs=micro, compile_cache=cache_state)
     if dist.is_main:
         n_params = count_parameters(model)
         log.header("golfnb train", {
@@ -448,6 +454,8 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
         })
         log.log(f"model_params:{n_params} attn_backend:{backend} world_size:{dist.world_size} "
                 f"grad_accum_steps:{grad_accum} micro_batch_seqs:{micro}")
+        if cache_state is not None:
+            log.log(cache_state.describe())
         if data_report is not None:
             how = "sha256 checked against manifest.json" if data_report["hashed"] else \
                 "no manifest.json with hashes: headers and token ids checked only"
@@ -520,7 +528,17 @@ def warmup(tr: Trainer) -> float:
         tr.ema = EMA(tr.model, cfg.ema_decay)  # initialised from the restored step-0 weights
     _sync(tr.device)
     tr.warmup_s = time.perf_counter() - t0
-    tr.log.log(f"warmup_s:{tr.warmup_s:.1f} (compile and warm-up, off the clock; all state restored)")
+    cache = tr.compile_cache
+    how = "" if cache is None else f", compile cache {'warm' if cache.warm else 'cold'}"
+    tr.log.log(f"warmup_s:{tr.warmup_s:.1f} (compile and warm-up, off the clock; all state restored{how})")
+    if cache is not None and tr.dist.is_main:
+        from golfnb import compile_cache
+
+        t1 = time.perf_counter()
+        written = compile_cache.save(cfg, tr.device, tr.dist.world_size, tr.run_dir, cache)
+        if written:
+            tr.log.log(f"compile_cache:saved files:{len(written)} bytes:{written[0].stat().st_size} "
+                       f"seconds:{time.perf_counter() - t1:.1f} to:{', '.join(map(str, written))}")
     return tr.warmup_s
 
 
@@ -862,6 +880,7 @@ def finish(tr: Trainer) -> dict:
         "steps": tr.step,
         "train_time_s": round(tr.elapsed_s, 3),
         "warmup_s": round(tr.warmup_s, 2),
+        "compile_cache": None if tr.compile_cache is None else ("warm" if tr.compile_cache.warm else "cold"),
         "looping_step": tr.looping_step,
         "tok_s_pre": tr.phase_steps["pre"] * tr.tokens_per_step / tr.phase_time["pre"] if tr.phase_steps["pre"] else None,
         "tok_s_post": tr.phase_steps["post"] * tr.tokens_per_step / tr.phase_time["post"] if tr.phase_steps["post"] else None,

@@ -1,0 +1,86 @@
+"""golfnb.compile_cache: compiled artifacts persisted by one training run make the next start-up warm, on a
+fresh Inductor cache, without changing what is computed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from golfnb import compile_cache
+from golfnb.config import preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_key_ignores_schedule_and_data_but_not_the_model():
+    base = preset("smoke")
+    k = compile_cache.cache_key(base, "cpu", 1)
+    assert compile_cache.cache_key(base.replace(seed=9, iterations=7, data_path="/elsewhere"), "cpu", 1) == k
+    assert compile_cache.cache_key(base.replace(eval_stride=16, ttt_lr=0.5), "cpu", 1) == k
+    assert compile_cache.cache_key(base.replace(model_dim=base.model_dim * 2), "cpu", 1) != k
+    assert compile_cache.cache_key(base, "cpu", 2) != k
+
+
+def test_cache_root_follows_the_environment(tmp_path):
+    assert compile_cache.cache_root({"GOLFNB_CACHE_DIR": str(tmp_path)}) == tmp_path / "compile"
+    assert compile_cache.cache_root({"GOLFNB_COMPILE_CACHE": "off", "GOLFNB_CACHE_DIR": str(tmp_path)}) is None
+    assert compile_cache.cache_root({}) == Path.home() / ".cache" / "golfnb" / "compile"
+
+
+def test_an_unreadable_cache_file_means_a_cold_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOLFNB_CACHE_DIR", str(tmp_path))
+    cfg = preset("smoke")
+    bad = tmp_path / "compile" / f"{compile_cache.cache_key(cfg, 'cpu', 1)}.bin"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a cache")
+    state = compile_cache.load(cfg, "cpu", 1)
+    assert not state.warm and state.source == bad and state.error
+    assert "cold" in state.describe()
+    assert compile_cache.load(preset("smoke", model_dim=32), "cpu", 1).source is None  # other key: nothing found
+
+
+_TRAIN = """
+import json, sys
+from golfnb.config import preset
+from golfnb.train import train
+cfg = preset("smoke", compile_mode="default", num_loops=0, iterations=2, warmup_steps=1, val_loss_every=0,
+             max_val_tokens=1024, data_path=sys.argv[2], tokenizer_path=sys.argv[3])
+s = train(cfg, sys.argv[1])
+print("SUMMARY " + json.dumps({k: s[k] for k in ("warmup_s", "compile_cache", "val_loss", "val_bpb")}))
+"""
+
+
+def _train(run_dir: Path, inductor_dir: Path, cache_dir: Path, data: Path, tok: Path) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), GOLFNB_CACHE_DIR=str(cache_dir),
+               PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _TRAIN, str(run_dir), str(data), str(tok)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SUMMARY "))
+    return json.loads(line[len("SUMMARY "):])
+
+
+def test_second_run_starts_warm_from_the_persisted_artifacts(tmp_path, shared_data):
+    from golfnb.data.build import build_shards
+
+    tok = shared_data / "tokenizers" / "fineweb_1024_bpe.model"
+    data = tmp_path / "data"
+    build_shards([shared_data / "challenge_docs_sample" / "verify_docs_200.jsonl"], tok, data,
+                 val_inputs=[shared_data / "challenge_val_prefix" / "docs_val_prefix_decoded.jsonl"], workers=1,
+                 progress=False)
+    cache = tmp_path / "cache"
+    # each process gets its own empty Inductor cache: only golfnb's persisted file can make the second warm
+    cold = _train(tmp_path / "run1", tmp_path / "inductor1", cache, data, tok)
+    assert cold["compile_cache"] == "cold"
+    assert (tmp_path / "run1" / compile_cache.RUN_CACHE_RELPATH).is_file()
+    assert len(list((cache / "compile").glob("*.bin"))) == 1
+    warm = _train(tmp_path / "run2", tmp_path / "inductor2", cache, data, tok)
+    assert warm["compile_cache"] == "warm"
+    assert (warm["val_loss"], warm["val_bpb"]) == (cold["val_loss"], cold["val_bpb"])  # same computation
+    assert warm["warmup_s"] < cold["warmup_s"], (warm, cold)
+    log = (tmp_path / "run2" / "train.log").read_text()
+    assert "compile_cache:warm" in log and "compile cache warm" in log
