@@ -102,19 +102,20 @@ def _count(info: Any) -> int:
     return sum(len(v) for v in arts.values())
 
 
+def _locations(key: str, run_dir: str | Path | None) -> list[Path]:
+    """The run's own file first (it travels with the run), then the machine's shared one."""
+    out = [] if run_dir is None else [Path(run_dir) / RUN_CACHE_RELPATH]
+    root = cache_root()
+    return out + ([] if root is None else [root / f"{key}.bin"])
+
+
 def load(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path | None = None) -> CacheState:
     """Feed the persisted artifacts (the run's own first, then the shared ones) to PyTorch; call before the
     first compiled call. A missing, unreadable or incompatible file means a cold start, never an error."""
     import torch
 
     key = cache_key(cfg, device, world_size)
-    candidates = []
-    if run_dir is not None:
-        candidates.append(Path(run_dir) / RUN_CACHE_RELPATH)
-    root = cache_root()
-    if root is not None:
-        candidates.append(root / f"{key}.bin")
-    for path in candidates:
+    for path in _locations(key, run_dir):
         if not path.is_file():
             continue
         try:
@@ -136,12 +137,7 @@ def save(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path
     copied to whichever of the two places lacks it (a process that loaded artifacts need not re-record them)."""
     import torch
 
-    targets = []
-    if run_dir is not None:
-        targets.append(Path(run_dir) / RUN_CACHE_RELPATH)
-    root = cache_root()
-    if root is not None:
-        targets.append(root / f"{cache_key(cfg, device, world_size)}.bin")
+    targets = _locations(cache_key(cfg, device, world_size), run_dir)
     if state is not None and state.warm and state.source is not None:
         blob = state.source.read_bytes()
         targets = [t for t in targets if not t.is_file()]
