@@ -669,10 +669,9 @@ def add_artifact_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="golfnb")
-    add_artifact_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["artifact", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args) or 0)
+    from golfnb.cli import run_subcommand
+
+    return run_subcommand("artifact", add_artifact_parser, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any, Callable
 
 from golfnb.config import PRESET_NOTES, PRESETS, ConfigError, resolve
 
@@ -73,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        print(f"golfnb {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def run_subcommand(command: str, add_parser: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+    """`python -m golfnb.<module> ARGS` behaves as `golfnb <command> ARGS`: the module's own parser, the
+    same exit codes (a ConfigError is exit 2 with its message)."""
+    parser = argparse.ArgumentParser(prog="golfnb")
+    add_parser(parser.add_subparsers(dest="command"))
+    return _dispatch(parser, [command, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
@@ -85,17 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"golfnb: configuration error: {e}", file=sys.stderr)
             return 2
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        rc = args.func(args)
-    except ConfigError as e:
-        print(f"golfnb: configuration error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return _dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

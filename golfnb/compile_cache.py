@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from golfnb.config import Hyperparameters
-from golfnb.io import atomic_write_bytes
+from golfnb.io import atomic_write_bytes, cache_dir
 
 __all__ = ["CacheState", "cache_root", "cache_key", "load", "save", "RUN_CACHE_RELPATH"]
 
@@ -71,8 +71,7 @@ def cache_root(environ: dict[str, str] | None = None) -> Path | None:
     env = os.environ if environ is None else environ
     if env.get("GOLFNB_COMPILE_CACHE", "").strip().lower() in ("off", "0", "false", "no"):
         return None
-    base = env.get("GOLFNB_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "golfnb") / "compile"
+    return cache_dir(env) / "compile"
 
 
 def _device_name(device: Any) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import typing
 from dataclasses import dataclass, fields

@@ -27,7 +27,7 @@ import torch
 from golfnb.config import ConfigError, Hyperparameters
 from golfnb.io import atomic_write_json
 
-__all__ = ["evaluate_run", "read_eval", "eval_path", "run_stages", "main", "STAGES"]
+__all__ = ["evaluate_run", "eval_metrics", "read_eval", "eval_path", "run_stages", "main", "STAGES"]
 
 STAGES = ("train", "quantize", "eval")
 EVAL_DIR = "evals"
@@ -43,9 +43,30 @@ def read_eval(run_dir: str | Path, method: str) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+_HEADLINE = ("val_bpb", "val_loss", "targets_scored", "bytes", "seconds", "leaderboard_legal")
+
+
 def _summary(res: dict[str, Any]) -> dict[str, Any]:
-    keys = ("val_loss", "val_bpb", "targets_scored", "bytes", "seconds", "leaderboard_legal")
-    return {k: res[k] for k in keys if k in res}
+    return {k: res[k] for k in _HEADLINE if k in res}
+
+
+def eval_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    """The flat `eval.<method>.*` metrics of one eval result: headline numbers, phase seconds, and the
+    method's own diagnostics (TTT chunks and steps, tilt hint rates, SLOT steps)."""
+    m = str(res["method"])
+    out: dict[str, Any] = {f"eval.{m}.{k}": v for k, v in _summary(res).items()}
+    for ph, s in (res.get("phases") or {}).items():
+        out[f"eval.{m}.phase.{ph}_s"] = round(float(s), 4)
+    for k in ("windows", "n_chunks", "steps", "optimizer_steps", "trainable_params"):
+        if k in res:
+            out[f"eval.{m}.{k}"] = res[k]
+    for k in ("hint_rate", "scored_hint_rate", "precision", "precompute_s"):
+        if k in (res.get("tilt") or {}):
+            out[f"eval.{m}.tilt.{k}"] = res["tilt"][k]
+    failed = (res.get("legality") or {}).get("failed_checks")
+    if failed:
+        out[f"eval.{m}.failed_checks"] = list(failed)
+    return out
 
 
 def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, device: str | torch.device | None = None,
@@ -115,7 +136,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         if log is not None:
             log(f"eval:{m} source:{source} val_loss:{res['val_loss']:.6f} val_bpb:{res['val_bpb']:.6f} "
                 f"seconds:{res.get('seconds', 0):.1f}{tag}")
-        record_many(run_dir, {f"eval.{m}.{k}": v for k, v in _summary(res).items()})
+        record_many(run_dir, eval_metrics(res))
         results[m] = res
     return results
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "sha256_bytes", "sha256_file", "torch_load"]
+           "sha256_bytes", "sha256_file", "torch_load", "cache_dir"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -90,3 +90,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def cache_dir(environ: Any = None) -> Path:
+    """golfnb's per-machine cache (built kernels, compile artifacts): `$GOLFNB_CACHE_DIR`, else ~/.cache/golfnb."""
+    env = os.environ if environ is None else environ
+    base = env.get("GOLFNB_CACHE_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "golfnb"

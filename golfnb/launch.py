@@ -52,7 +52,7 @@ __all__ = [
     "TrainingLaunchError", "TrainPlan", "new_run_dir", "resolve_run_dir", "papermill_context",
     "parse_papermill_argv", "training_done", "notebook_parameters", "notebook_needs_run", "parse_param_value", "run_notebook",
     "torchrun_command", "child_env", "stream_process", "launch_training", "plan_training", "run_training",
-    "quantize_stage", "reserialize_artifact", "eval_method_name", "run_eval", "eval_metrics",
+    "quantize_stage", "reserialize_artifact", "eval_method_name", "run_eval",
     "ttt_unadapted_chunks", "slot_verdict", "add_run_parser", "main",
 ]
 
@@ -594,18 +594,18 @@ def eval_method_name(kind: str, *, optimizer: str = "sgd", variant: str = "conte
 
 def run_eval(run_dir: str | os.PathLike, method: str, *, overrides: Mapping[str, Any] | None = None,
              force: bool = False, device: str | None = None, source: str = "artifact",
-             log: Any = print, record: bool = True) -> dict[str, Any]:
-    """golfnb.headless.evaluate_run for one method (skipped when evals/<method>.json exists, unless force),
-    then the method's diagnostics and phase times recorded into the run (and shown in the notebook)."""
-    from golfnb.headless import evaluate_run
-    from golfnb.runs import record_many
+             log: Any = print, display: bool = True) -> dict[str, Any]:
+    """golfnb.headless.evaluate_run for one method (skipped when evals/<method>.json exists for the same
+    overrides, unless force); it records the method's metrics into the run, shown here in the notebook."""
+    from golfnb.headless import eval_metrics, evaluate_run
+    from golfnb.runs import show_metrics
 
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"overrides must be a dict of field: value, got {type(overrides).__name__}")
     res = evaluate_run(run_dir, methods=[method], device=device or None, overrides=dict(overrides or {}) or None,
                        source=source, log=log, force=force)[method]
-    if record:
-        record_many(run_dir, eval_metrics(res), display=True)
+    if display:
+        show_metrics(eval_metrics(res))
     return res
 
 
@@ -642,28 +642,6 @@ def ttt_unadapted_chunks(run_dir: str | os.PathLike, *, overrides: Mapping[str, 
                        method_name="ttt_unadapted")
     atomic_write_json(cache, {"settings": key, "chunk_bpb": res["chunk_bpb"], "val_bpb": res["val_bpb"]})
     return [float(x) for x in res["chunk_bpb"]]
-
-
-def eval_metrics(res: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat `eval.<method>.*` metrics of one eval result: headline numbers, phase seconds, and the
-    method's own diagnostics (TTT chunks and steps, tilt hint rates, SLOT steps)."""
-    m = str(res["method"])
-    out: dict[str, Any] = {}
-    for k in ("val_bpb", "val_loss", "targets_scored", "bytes", "seconds", "leaderboard_legal"):
-        if k in res:
-            out[f"eval.{m}.{k}"] = res[k]
-    for ph, s in (res.get("phases") or {}).items():
-        out[f"eval.{m}.phase.{ph}_s"] = round(float(s), 4)
-    for k in ("windows", "n_chunks", "steps", "optimizer_steps", "trainable_params"):
-        if k in res:
-            out[f"eval.{m}.{k}"] = res[k]
-    for k in ("hint_rate", "scored_hint_rate", "precision", "precompute_s"):
-        if k in (res.get("tilt") or {}):
-            out[f"eval.{m}.tilt.{k}"] = res["tilt"][k]
-    failed = (res.get("legality") or {}).get("failed_checks")
-    if failed:
-        out[f"eval.{m}.failed_checks"] = list(failed)
-    return out
 
 
 def slot_verdict(run_dir: str | os.PathLike, variant: str, overrides: Mapping[str, Any] | None = None
@@ -759,14 +737,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="golfnb")
-    add_run_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"golfnb run: {e}", file=sys.stderr)
-        return 2
+    from golfnb.cli import run_subcommand
+
+    return run_subcommand("run", add_run_parser, argv)
 
 
 if __name__ == "__main__":

@@ -1089,10 +1089,9 @@ def add_pack_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="golfnb")
-    add_pack_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["pack", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args) or 0)
+    from golfnb.cli import run_subcommand
+
+    return run_subcommand("pack", add_pack_parser, argv)
 
 
 if __name__ == "__main__":

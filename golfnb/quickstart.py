@@ -132,17 +132,13 @@ def quickstart(preset_name: str | None = None, *, data_dir: str | None = None, t
 
 def add_quickstart_parser(sub: Any) -> None:
     p = sub.add_parser("quickstart", help="the main job: data, then the train/quantize/eval notebooks")
-    _args(p)
-    p.set_defaults(func=_run)
-
-
-def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="default: pr1514 with a GPU, smoke without")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--data-dir", default=None, help="data root (default $GOLFNB_DATA_DIR or ./data)")
     p.add_argument("--text-dir", default=None, help="local text + tokenizers to build shards from when offline")
     p.add_argument("--offline", action="store_true", help="do not try the Hugging Face Hub")
     p.add_argument("--no-notebooks", action="store_true", help="run the stages headless instead of papermill")
+    p.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -152,13 +148,9 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="golfnb quickstart", description=__doc__.split("\n")[0])
-    _args(p)
-    try:
-        return _run(p.parse_args(argv))
-    except ConfigError as e:
-        print(f"golfnb quickstart: {e}", file=sys.stderr)
-        return 2
+    from golfnb.cli import run_subcommand
+
+    return run_subcommand("quickstart", add_quickstart_parser, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 __all__ = [
     "FIG_DPI", "Table", "Banner", "fmt", "to_png", "show", "read_history", "env_table", "artifact_metrics",
     "runs_table", "scale_note", "ablation_metrics", "plot_tilt", "plot_training", "train_table", "training_notes",
-    "config_table", "artifact_report", "quant_notes", "Note", "UNQUANTIZED", "artifact_tables", "plan_table", "plot_artifact_bytes", "roundtrip_table",
+    "config_table", "artifact_report", "quant_notes", "Note", "UNQUANTIZED", "artifact_tables", "plan_table", "plot_artifact_bytes",
     "method_rows", "methods_table", "plot_bpb_comparison", "eval_table", "phase_table", "plot_ttt_chunks",
     "tilt_table", "verdict_banner", "legality_table", "groups_table", "plot_groups", "plot_group_curves",
     "welch_table", "ablation_picker",

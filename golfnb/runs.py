@@ -14,7 +14,7 @@ from typing import Any
 
 from golfnb.io import atomic_write_json
 
-__all__ = ["record", "record_many", "read_metrics", "current_run_dir", "set_current_run_dir", "METRICS_MIME"]
+__all__ = ["record", "record_many", "read_metrics", "current_run_dir", "set_current_run_dir", "show_metrics", "METRICS_MIME"]
 
 METRICS_MIME = "application/vnd.golfnb.metrics+json"
 _CURRENT: Path | None = None
@@ -50,7 +50,7 @@ def record_many(run_dir: str | Path | None, values: dict[str, Any], display: boo
     data.update({k: _plain(v) for k, v in values.items()})
     atomic_write_json(path, data)
     if display:
-        _display(values)
+        show_metrics(values)
     return data
 
 
@@ -68,7 +68,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _display(values: dict[str, Any]) -> None:
+def show_metrics(values: dict[str, Any]) -> None:
+    """Show metrics as a cell output (a mime bundle the reports read back); a no-op outside IPython."""
     try:
         from IPython import get_ipython
         from IPython.display import display

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from golfnb import compile_cache
 from golfnb.config import preset
 

@@ -307,7 +307,7 @@ def test_eval_ttt(quantized_run: Path) -> None:
     assert m["eval.ttt.phase.adapt_s"] > 0 and m["eval.ttt.leaderboard_legal"] is True
     # the unadapted reference scores the same windows as the sliding pass, so their totals agree
     ref = json.loads((quantized_run / "evals" / "ttt_unadapted_chunks.json").read_text())
-    sliding = launch.run_eval(quantized_run, "sliding", log=None, record=False)
+    sliding = launch.run_eval(quantized_run, "sliding", log=None, display=False)
     assert ref["val_bpb"] == pytest.approx(sliding["val_bpb"], abs=1e-9)
     assert ref["chunk_bpb"][0] == pytest.approx(res["chunk_bpb"][0], abs=1e-9), "chunk 0 is scored before any step"
     assert len(_pngs(out)) == 2

@@ -75,6 +75,7 @@ import torch
 
 from golfnb.config import ConfigError
 from golfnb.evals import _ngram_kernel as K
+from golfnb.io import cache_dir
 
 __all__ = [
     "NgramTilt",
@@ -315,18 +316,13 @@ class KernelUnavailable(RuntimeError):
 _LOADED: dict[str, ctypes.CDLL] = {}
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("GOLFNB_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "golfnb"
-
-
 def kernel_path() -> Path:
     """Where the compiled kernel lives: keyed by the sha256 of source, flags and platform, so an edit of
     the source, or another architecture sharing the home directory, builds a new file."""
     ident = "\n".join([K.KERNEL_SOURCE, " ".join(CFLAGS), platform.machine(), sys.platform])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    return _cache_dir() / f"ngram_kernel_{digest}{suffix}"
+    return cache_dir() / f"ngram_kernel_{digest}{suffix}"
 
 
 def _find_compiler() -> str | None:

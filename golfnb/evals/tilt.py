@@ -86,7 +86,6 @@ def evaluate_tilt(model: torch.nn.Module, tokens: Any, cfg: Hyperparameters, lut
     if base not in TILT_BASES:
         raise ConfigError(f"tilt base {base!r} is not one of {', '.join(TILT_BASES)}")
     device = model_device(model)
-    ranks = rank_info(dist)
     budget = resolve_budget(cfg, budget_seconds)
     t0 = time.perf_counter()
     if hints is None:
