@@ -59,6 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gptq_calibration": ("train", "autoregressive"),
     "device": ("auto", "cpu", "cuda"),
     "compile_mode": ("none", "default", "max-autotune-no-cudagraphs"),
+    "eval_compile": ("auto", "on", "off"),
 }
 
 
@@ -164,6 +165,7 @@ class Hyperparameters:
     compressor: str = "brotli"
     byte_shuffle: bool = True
     prune_to_fit: bool = True  # selective +-1 pruning when code + model exceeds bytes_limit
+    prune_workers: int = 0  # compressions at once while pruning (threads); 0 = one per CPU core, at most 8
     bytes_limit: int = BYTES_LIMIT
 
     # ---------------------------------------------------------------- evaluation
@@ -173,6 +175,9 @@ class Hyperparameters:
     final_eval: str = "ttt"  # the method whose number is the submission's val_bpb
     sliding_eval: bool = True
     eval_budget_seconds: float = 600.0
+    # torch.compile the scoring forward of the eval passes. auto = on CUDA only: on a CPU the compile costs
+    # more than a short eval saves. The adaptation steps of TTT/SLOT stay eager.
+    eval_compile: str = "auto"
     ttt_enabled: bool = True
     ttt_optimizer: str = "sgd"
     ttt_lr: float = 0.005
@@ -332,6 +337,10 @@ class Hyperparameters:
     @property
     def rope_reference_len(self) -> int:
         return self.rope_train_seq_len if self.rope_train_seq_len > 0 else self.train_seq_len
+
+    @property
+    def resolved_prune_workers(self) -> int:
+        return self.prune_workers if self.prune_workers > 0 else max(1, min(8, os.cpu_count() or 1))
 
     @property
     def looping_possible(self) -> bool:
@@ -572,6 +581,7 @@ def _validate(c: Hyperparameters) -> None:
              f"in max_wallclock_seconds={c.max_wallclock_seconds}")
     need(0.0 <= c.warmdown_frac <= 1.0, f"warmdown_frac={c.warmdown_frac} must be in [0, 1]")
     need(0.0 <= c.min_lr <= 1.0, f"min_lr={c.min_lr} is a fraction of the base LR; keep it in [0, 1]")
+    need(c.prune_workers >= 0, f"prune_workers={c.prune_workers} must be >= 0 (0 = one per CPU core, at most 8)")
     need(0.0 <= c.ema_decay < 1.0, f"ema_decay={c.ema_decay} must be in [0, 1) (0 = off)")
     need(0.0 <= c.muon_momentum < 1.0 and 0.0 <= c.muon_momentum_warmup_start < 1.0,
          "Muon momentum values must be in [0, 1)")

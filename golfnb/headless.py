@@ -82,6 +82,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
     """
     from golfnb.bpb import build_byte_luts
     from golfnb.data.loaders import load_validation_tokens
+    from golfnb.evals.common import scoring_forward
     from golfnb.evals.runner import method_key, run_method
     from golfnb.legality import legality_verdict
     from golfnb.pipeline import load_quantized
@@ -118,15 +119,17 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         return results
     val = load_validation_tokens(cfg)
     luts = build_byte_luts(cfg.tokenizer_path, cfg.vocab_size, device=dev)
+    hidden_fn = scoring_forward(model, cfg)  # compiled once, shared by the methods
     for m in todo:
         verdict = legality_verdict(m, cfg)
         if not verdict.legal and not cfg.allow_illegal:
             raise ConfigError(f"{m} fails golfnb's legality checks ({', '.join(verdict.failed)}); pass "
                               f"overrides={{'allow_illegal': True}} to run it labelled not leaderboard-legal")
         t0 = time.perf_counter()
-        res = run_method(m, model, val, cfg, luts, None, log=log)
+        res = run_method(m, model, val, cfg, luts, None, log=log, hidden_fn=hidden_fn)
         res["method"] = m
         res["source"] = source
+        res["compiled_forward"] = hidden_fn is not None and not m.startswith("plain")
         res["overrides"] = asked
         res["leaderboard_legal"] = verdict.legal
         res["legality"] = verdict.as_dict()
@@ -142,7 +145,8 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
 
 
 def run_stages(cfg: Hyperparameters | None, run_dir: str | Path, stages: Sequence[str] = STAGES, *,
-               methods: Sequence[str] | None = None, log: Any = print) -> dict[str, Any]:
+               methods: Sequence[str] | None = None, source: str = "artifact",
+               eval_overrides: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
     run_dir = Path(run_dir)
     out: dict[str, Any] = {}
     bad = [s for s in stages if s not in STAGES]
@@ -159,7 +163,8 @@ def run_stages(cfg: Hyperparameters | None, run_dir: str | Path, stages: Sequenc
 
         out["quantize"] = quantize_run(run_dir, log=log)
     if "eval" in stages:
-        out["eval"] = {m: _summary(r) for m, r in evaluate_run(run_dir, methods=methods, log=log).items()}
+        res = evaluate_run(run_dir, methods=methods, source=source, overrides=eval_overrides, log=log)
+        out["eval"] = {m: _summary(r) for m, r in res.items()}
     return out
 
 
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of train,quantize,eval")
     p.add_argument("--methods", default=None, help="comma list of eval methods (default: the config's passes)")
+    p.add_argument("--source", choices=("artifact", "final"), default="artifact",
+                   help="eval stage: the quantized artifact (what a submission scores) or the unquantized final model")
+    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval stage: override one field of the run's config (e.g. eval_stride=64, eval_compile=off)")
     a = p.parse_args(argv)
     stages = [s for s in a.stages.split(",") if s]
     try:
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resolve(a.preset, parse_overrides(a.set), a.config)
             cfg = cfg.with_data_root(a.data_dir or os.environ.get("GOLFNB_DATA_DIR"))
         methods = a.methods.split(",") if a.methods else None
-        res = run_stages(cfg, a.run_dir, stages, methods=methods)
+        res = run_stages(cfg, a.run_dir, stages, methods=methods, source=a.source,
+                         eval_overrides=parse_overrides(a.eval_set) or None)
     except ConfigError as e:
         print(f"golfnb.headless: configuration error: {e}", file=sys.stderr)
         return 2

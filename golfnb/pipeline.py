@@ -119,11 +119,10 @@ def quantize_and_serialize(model: torch.nn.Module, cfg: Hyperparameters, hessian
                 f"(over by {code_bytes + len(blob) - limit}); set prune_to_fit=True, raise matrix_clip_sigmas or "
                 f"lower the bit widths (`golfnb artifact inspect` suggests values)")
         try:
-            r = prune_to_fit(q, code_bytes, limit, ser, log=say)
+            r = prune_to_fit(q, code_bytes, limit, ser, log=say, workers=cfg.resolved_prune_workers, blob=blob)
         except ValueError as e:
             raise SubmissionTooLarge(str(e)) from None
-        q, pruned = r.qmodel, r.pruned
-        blob = ser(q)
+        q, pruned, blob = r.qmodel, r.pruned, r.blob
         say(f"prune:zeroed {r.pruned} of {r.candidates} |q|=1 codes: model {r.bytes_before} -> {r.bytes_after} "
             f"bytes ({r.compressions} compressions, {r.seconds:.1f}s)")
     ts = time.perf_counter() - t1

@@ -641,6 +641,7 @@ class PruneResult:
     limit: int
     compressions: int  # how many times the model was compressed (each costs seconds at full size)
     seconds: float
+    blob: bytes = b""  # serialize(qmodel) of the returned model
 
     @property
     def total_after(self) -> int:
@@ -695,53 +696,88 @@ def prune_entries(qmodel: QuantizedModel, n: int, groups: tuple[str, ...] = ("at
 
 def prune_to_fit(qmodel: QuantizedModel, code_bytes: int, limit: int,
                  serialize: Callable[[QuantizedModel], bytes], *, groups: tuple[str, ...] = ("attn", "mlp"),
-                 log: Callable[[str], None] | None = None, max_compressions: int = 12) -> PruneResult:
+                 log: Callable[[str], None] | None = None, max_rounds: int = 12, workers: int = 1,
+                 blob: bytes | None = None) -> PruneResult:
     """Selective +-1 pruning until code_bytes + len(serialize(model)) <= limit (decimal bytes).
 
-    The |q| = 1 codes of `groups` are ranked by the loss of zeroing them, s_r^2, and a growing prefix of
-    that ranking is zeroed. Instead of fixed 5 % batches (#1533) or a blind binary search (#1019), each
-    next prefix length comes from the bytes saved per pruned code so far (a secant step, 10 % extra), so a
-    full-size model usually fits after 2-4 compressions. Raises QuantError when even pruning every
-    candidate does not fit.
+    The |q| = 1 codes of `groups` are ranked by the loss of zeroing them, s_r^2, and a prefix of that ranking
+    is zeroed. Instead of fixed 5 % batches (#1533) or a blind binary search (#1019), the prefix length comes
+    from the bytes saved per pruned code so far (a secant step, 10 % extra). A full-size brotli-11 compression
+    takes a minute or more, so:
+
+    * `blob` (= serialize(qmodel), when the caller has it) saves the first compression, and the result carries
+      the compressed bytes of the model it returns (`PruneResult.blob`): no compression is repeated;
+    * `workers` > 1 compresses that many prefix lengths at once (threads: brotli, lzma and zstd release the
+      GIL), spread from 0.35x to 2x the secant estimate; once one fits, one more round tries `workers` lengths
+      between the longest that did not fit and the shortest that did, and the shortest fitting one wins: two
+      rounds, i.e. two compression times of wall clock, where the plain secant search (workers=1) usually
+      needs 2-4. `max_rounds` bounds the rounds (= compressions with one worker).
+
+    Raises QuantError when even pruning every candidate does not fit.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     if limit <= 0:
         raise QuantError(f"limit={limit} must be a positive number of bytes")
-    blob = serialize(qmodel)
+    compressions = 0
+    if blob is None:
+        blob, compressions = serialize(qmodel), 1
     size0 = len(blob)
-    compressions = 1
     cands = prune_candidates(qmodel, groups)
     n_cand = int(sum(int(i.numel()) for _n, i, _c in cands))
     if size0 + code_bytes <= limit:
-        return PruneResult(qmodel, 0, n_cand, size0, size0, code_bytes, limit, compressions, time.perf_counter() - t0)
+        return PruneResult(qmodel, 0, n_cand, size0, size0, code_bytes, limit, compressions,
+                           time.perf_counter() - t0, blob)
     target = limit - code_bytes
     if target <= 0:
         raise QuantError(f"the code alone is {code_bytes} bytes, at or over the {limit}-byte limit; no pruning helps")
+    k = max(1, int(workers))
     say(f"prune: model {size0} + code {code_bytes} = {size0 + code_bytes} > {limit}; "
-        f"{n_cand} candidate codes with |q| = 1")
-    n_lo, size_lo = 0, size0
-    # first guess: about one byte saved per 6 pruned codes (measured on int6 GPTQ weights), then secant steps
-    n = min(n_cand, max(1, (size0 - target) * 6))
-    best: tuple[QuantizedModel, int, int] | None = None
-    while compressions < max_compressions:
+        f"{n_cand} candidate codes with |q| = 1; {k} compression(s) at a time")
+
+    def attempt(n: int) -> tuple[int, QuantizedModel, bytes]:
         cand = prune_entries(qmodel, n, groups)
-        size = len(serialize(cand))
-        compressions += 1
-        say(f"prune: {n} codes zeroed -> model {size} bytes (target <= {target})")
-        if size <= target:
-            best = (cand, n, size)
-            break
-        if n >= n_cand:
-            break
-        per_code = (size_lo - size) / max(n - n_lo, 1)
-        n_lo, size_lo = n, size
-        step = (size - target) / per_code if per_code > 0 else (n or 1)
-        n = min(n_cand, n + max(1, int(math.ceil(step * 1.1))))
+        return n, cand, serialize(cand)
+
+    lo_n, lo_size = 0, size0  # the longest prefix known not to fit
+    per_code = 1.0 / 6.0  # bytes saved per pruned code: first guess measured on int6 GPTQ weights
+    best: tuple[int, QuantizedModel, bytes] | None = None
+    refined = False
+    with ThreadPoolExecutor(max_workers=k) as pool:
+        for _round in range(max_rounds):
+            if best is None:
+                center = lo_n + (lo_size - target) / per_code * 1.1
+                factors = [1.0] if k == 1 else [0.35 * (2.0 / 0.35) ** (i / (k - 1)) for i in range(k)]
+                ns = [lo_n + (center - lo_n) * f for f in factors]
+            elif k > 1 and not refined and best[0] - lo_n > 1:
+                ns = [lo_n + (best[0] - lo_n) * (i + 1) / (k + 1) for i in range(k)]
+                refined = True
+            else:
+                break
+            hi = best[0] - 1 if best is not None else n_cand
+            ns = sorted({min(hi, max(lo_n + 1, int(math.ceil(n)))) for n in ns})
+            results = list(pool.map(attempt, ns))
+            compressions += len(ns)
+            for n, _c, b in results:
+                say(f"prune: {n} codes zeroed -> model {len(b)} bytes (target <= {target})")
+            fits = [r for r in results if len(r[2]) <= target]
+            if fits and (best is None or fits[0][0] < best[0]):
+                best = fits[0]
+            below = best[0] if best is not None else n_cand + 1  # sizes are not strictly monotone in n
+            fails = [r for r in results if len(r[2]) > target and lo_n < r[0] < below]
+            if fails:
+                n, _c, b = fails[-1]
+                if lo_size - len(b) > 0:
+                    per_code = (lo_size - len(b)) / (n - lo_n)
+                lo_n, lo_size = n, len(b)
+            if best is None and ns[-1] >= n_cand:
+                break
     if best is None:
         raise QuantError(
-            f"pruning {n} of {n_cand} |q|=1 codes still leaves model {size} + code {code_bytes} bytes over the "
+            f"pruning {lo_n} of {n_cand} |q|=1 codes still leaves model {lo_size} + code {code_bytes} bytes over the "
             f"{limit}-byte limit; raise matrix_clip_sigmas or lower mlp_bits/attn_bits "
             f"(`golfnb artifact inspect` suggests values that fit)")
-    cand, n, size = best
-    return PruneResult(cand, n, n_cand, size0, size, code_bytes, limit, compressions, time.perf_counter() - t0)
+    n, cand, b = best
+    return PruneResult(cand, n, n_cand, size0, len(b), code_bytes, limit, compressions, time.perf_counter() - t0, b)

@@ -71,7 +71,7 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 # often comes back on another machine; the shards are re-checked by name, size and hash), how often it logs,
 # validates and checkpoints, and how the same maths is compiled. Anything else is another run.
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
-                              "val_loss_every", "compile_mode", "attn_backend"})
+                              "val_loss_every", "compile_mode", "attn_backend", "eval_compile"})
 
 
 class TrainingError(RuntimeError):

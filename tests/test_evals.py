@@ -326,3 +326,28 @@ def test_two_gloo_ranks_match_one_process(model, stream, cfg, luts, sliding_ref,
         loss, n, b = got[k]
         assert (n, b) == (r["targets_scored"], r["bytes"]), k
         assert loss == pytest.approx(r["loss_sum"], rel=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------------ compiled forward
+
+def test_eval_compile_policy(model, cfg):
+    from golfnb.evals.common import scoring_forward
+
+    assert scoring_forward(model, cfg.replace(eval_compile="auto")) is None  # CPU: eager
+    assert scoring_forward(model, cfg.replace(eval_compile="off")) is None
+    assert scoring_forward(model, cfg.replace(eval_compile="on")) is not None
+
+
+def test_compiled_scoring_forward_matches_eager_and_sees_ttt_updates(stream, cfg, luts):
+    from golfnb.evals.runner import run_method
+
+    # TTT: the compiled forward must read the weights as TTT changes them in place (a graph that froze them
+    # as constants would score every chunk with the initial weights and give another number)
+    on, off = cfg.replace(eval_compile="on", ttt_lr=0.05), cfg.replace(eval_compile="off", ttt_lr=0.05)
+    torch._dynamo.reset()
+    eager = run_method("ttt", make_check_model(cfg, seed=0), stream, off, luts)
+    compiled = run_method("ttt", make_check_model(cfg, seed=0), stream, on, luts)
+    frozen = run_method("ttt", make_check_model(cfg, seed=0), stream, off.replace(ttt_lr=0.0), luts)
+    assert abs(eager["val_bpb"] - frozen["val_bpb"]) > 1e-3  # adaptation changes the score here
+    assert compiled["val_bpb"] == pytest.approx(eager["val_bpb"], abs=2e-5)
+    assert compiled["targets_scored"] == eager["targets_scored"]

@@ -315,3 +315,27 @@ def test_prune_to_fit_protects_a_decimal_cap(trained, hessians):
     assert quant.prune_to_fit(q, code, size + code, ser).pruned == 0
     with pytest.raises(QuantError, match="matrix_clip_sigmas"):
         quant.prune_to_fit(q, code, size // 3 + code, ser)
+
+
+def test_parallel_prune_search_fits_without_repeating_compressions(trained, hessians):
+    from golfnb.artifact import serialize
+
+    cfg, model = trained
+    q = quantize_model(model, cfg, hessians, progress=False)
+    calls = []
+
+    def ser(m):
+        calls.append(1)
+        return serialize(m, "brotli", 2)
+
+    blob = ser(q)
+    code = 12_345
+    limit = len(blob) + code - 1500
+    seq = quant.prune_to_fit(q, code, limit, ser)
+    calls.clear()
+    par = quant.prune_to_fit(q, code, limit, ser, workers=4, blob=blob)
+    assert par.fits and par.blob == ser(par.qmodel) and len(par.blob) == par.bytes_after
+    assert par.compressions == len(calls) - 1  # the given blob was not compressed again
+    # the refinement round places it at least as tight as the sequential secant search (10 % margin)
+    assert 0 < par.pruned <= seq.pruned
+    assert seq.blob == ser(seq.qmodel)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from golfnb.config import ConfigError, Hyperparameters
 
 __all__ = [
+    "scoring_forward",
     "EvalBudgetExceeded",
     "IllegalMethodError",
     "EvalObserver",
@@ -205,6 +206,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def scoring_forward(model: torch.nn.Module, cfg: Hyperparameters) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The compiled `model.hidden` the eval passes score with (cfg.eval_compile), or None for eager.
+
+    Static shapes: a pass sees a few batch shapes (full batches, the last partial one, TTT's chunk rows),
+    each compiled once; the weights stay inputs of the graph, so TTT's in-place updates are seen."""
+    on = cfg.eval_compile == "on" or (cfg.eval_compile == "auto" and model_device(model).type == "cuda")
+    return torch.compile(model.hidden, dynamic=False) if on else None
 
 
 def emit(log: Any, msg: str, ranks: RankInfo | None = None) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from golfnb.config import ConfigError, Hyperparameters
-from golfnb.evals.common import (EvalBudgetExceeded, IllegalMethodError, emit, rank_info, resolve_budget)
+from golfnb.evals.common import (EvalBudgetExceeded, IllegalMethodError, emit, rank_info, resolve_budget,
+                                 scoring_forward)
 
 __all__ = ["run_evals", "run_method", "method_key", "METHOD_BASES"]
 
@@ -46,7 +47,7 @@ def run_method(method: str, model: torch.nn.Module, tokens: Any, cfg: Hyperparam
     """Run the method called `method` (canonical name) with no legality gate.
 
     kwargs: observer, adapt_tokens, budget_seconds, continue_over_budget, log, hidden_fn (ignored by
-    plain, which takes `forward`), hints (tilt methods only).
+    plain, which takes `forward`; default: golfnb.evals.common.scoring_forward), hints (tilt methods only).
     """
     from golfnb.evals.plain import evaluate_plain
     from golfnb.evals.sliding import evaluate_sliding
@@ -55,6 +56,8 @@ def run_method(method: str, model: torch.nn.Module, tokens: Any, cfg: Hyperparam
     from golfnb.evals.ttt import evaluate_ttt
 
     base, plus, mod = method.partition("+")
+    if kwargs.get("hidden_fn") is None and base != "plain":
+        kwargs["hidden_fn"] = scoring_forward(model, cfg)
     if plus:
         if mod != "tilt" or base not in TILT_BASES:
             raise ConfigError(f"method {method!r}: only '<{'|'.join(TILT_BASES)}>+tilt' combine")
@@ -114,6 +117,8 @@ def run_evals(model: torch.nn.Module, val_tokens: Any, cfg: Hyperparameters, lut
     legality_s = time.perf_counter() - t_leg
 
     budget = resolve_budget(cfg, budget_seconds)
+    if hidden_fn is None:  # one compiled forward for all passes (each pass would otherwise trace it again)
+        hidden_fn = scoring_forward(model, cfg)
     had_loop = getattr(model, "looping_active", None)
     if had_loop is not None:
         model.looping_active = cfg.num_loops > 0
