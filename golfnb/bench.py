@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from golfnb.provenance import device_name
+
 _T_PROCESS = time.perf_counter()
 
 __all__ = ["run_bench", "SyntheticLoader", "main", "add_bench_parser"]
@@ -96,7 +98,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     warmup(tr)
     startup_s = time.perf_counter() - _T_PROCESS
     peak = _peak_flops(device)
-    result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": device_name(device),
                               "world_size": dist.world_size, "attn_backend": backend, "data": source,
                               "params": count_parameters(model), "startup_s": round(startup_s, 1),
                               "warmup_s": round(tr.warmup_s, 1), "tokens_per_step": cfg.train_batch_tokens,

@@ -86,6 +86,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
     from golfnb.evals.runner import method_key, run_method
     from golfnb.legality import legality_verdict
     from golfnb.pipeline import load_quantized
+    from golfnb.provenance import device_name
     from golfnb.runs import record_many
     from golfnb.train import load_final_model
 
@@ -129,6 +130,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         res = run_method(m, model, val, cfg, luts, None, log=log, hidden_fn=hidden_fn)
         res["method"] = m
         res["source"] = source
+        res["device"] = device_name(dev)  # a notebook may render this result on another machine
         res["compiled_forward"] = hidden_fn is not None and not m.startswith("plain")
         res["overrides"] = asked
         res["leaderboard_legal"] = verdict.legal

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["git_identity", "environment_info", "data_summary", "code_hash"]
+__all__ = ["git_identity", "environment_info", "data_summary", "code_hash", "device_name"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,14 @@ def environment_info(device: Any = None, attn_backend: str | None = None) -> dic
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
     return info
+
+
+def device_name(device: Any) -> str:
+    """The GPU's name for a CUDA device (e.g. "NVIDIA H200"), else the device type ("cpu")."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
 def data_summary(data_path: str | Path, tokenizer_path: str | Path | None = None) -> dict[str, Any]:

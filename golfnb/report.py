@@ -517,6 +517,8 @@ def plot_bpb_comparison(rows: Sequence[Mapping[str, Any]], highlight: str | None
 
 def eval_table(res: Mapping[str, Any]) -> Table:
     keys = ("method", "source", "val_bpb", "val_loss", "targets_scored", "bytes", "seconds", "leaderboard_legal")
+    if res.get("device"):  # results from before devices were recorded have none
+        keys = keys[:2] + ("device",) + keys[2:]
     return Table([{k: res.get(k) for k in keys}], list(keys), title="result")
 
 

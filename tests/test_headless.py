@@ -39,6 +39,20 @@ def test_eval_results_are_reused_only_for_the_same_overrides(run_copy):
     assert not calls and again["val_bpb"] == other["val_bpb"]
 
 
+def test_cli_round_trip_evals_the_final_model_and_the_artifact(run_copy):
+    # the GPU report script's round trip: plain on the unquantized final model, then on the artifact
+    args = ["--run-dir", str(run_copy), "--stages", "eval", "--methods", "plain", "--eval-set", "max_val_tokens=4096"]
+    assert headless.main(args + ["--source", "final"]) == 0
+    final = json.loads(headless.eval_path(run_copy, "plain").read_text())
+    assert final["source"] == "final" and final["device"] == "cpu" and final["targets_scored"] == 4096
+    assert final["overrides"] == {"max_val_tokens": "4096"} and final["compiled_forward"] is False
+    assert headless.main(args) == 0
+    art = json.loads(headless.eval_path(run_copy, "plain").read_text())
+    assert art["source"] == "artifact" and art["targets_scored"] == 4096
+    assert art["val_bpb"] != final["val_bpb"]  # quantization changes the number (a little)
+    assert abs(art["val_bpb"] - final["val_bpb"]) < 0.05
+
+
 def test_cli_bad_stage_and_missing_run_are_exit_2(tmp_path, capsys):
     assert headless.main(["--run-dir", str(tmp_path / "r"), "--stages", "train,polish", "--preset", "smoke"]) == 2
     assert "unknown stage" in capsys.readouterr().err
