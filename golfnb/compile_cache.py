@@ -40,7 +40,7 @@ _NOT_IN_GRAPH = {"seed", "run_id", "data_path", "tokenizer_path", "train_shards"
                  "max_wallclock_seconds", "gptq_reserve_seconds", "val_loss_every", "train_log_every",
                  "warmup_steps", "checkpoint_every_seconds", "val_batch_tokens", "max_val_tokens",
                  "attn_bits", "mlp_bits", "embed_bits", "matrix_clip_sigmas", "embed_clip_sigmas",
-                 "passthrough_max_numel", "compressor", "byte_shuffle", "prune_to_fit", "bytes_limit",
+                 "passthrough_max_numel", "compressor", "byte_shuffle", "prune_to_fit", "prune_workers", "bytes_limit",
                  "final_eval", "sliding_eval", "allow_illegal"}
 _NOT_IN_GRAPH_PREFIXES = ("eval_", "ttt_", "slot_", "ngram_", "gptq_")
 

@@ -69,9 +69,10 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 
 # Fields a resumed run may change without changing what it computes: where the data lives (a pre-empted run
 # often comes back on another machine; the shards are re-checked by name, size and hash), how often it logs,
-# validates and checkpoints, and how the same maths is compiled. Anything else is another run.
+# validates and checkpoints, how the same maths is compiled, and how many threads compress. Anything else is
+# another run.
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
-                              "val_loss_every", "compile_mode", "attn_backend", "eval_compile"})
+                              "val_loss_every", "compile_mode", "attn_backend", "eval_compile", "prune_workers"})
 
 
 class TrainingError(RuntimeError):

@@ -5,6 +5,8 @@
 # under $OUT after every stage:
 #   train      train with a short clock; KILL_AT_STEP=N kills it (SIGKILL) once a checkpoint exists and step N is
 #              logged, then resumes it with empty compiler caches, so only golfnb's persisted compile cache helps
+#   warmstart  a second, fresh run of the same config for 30 s of clock with empty Inductor/Triton caches: its
+#              start-up is warm only through golfnb's persisted compile cache (~/.cache/golfnb), as on a new machine
 #   quantize   Hessians + GPTQ + the artifact (COMPRESSOR, brotli by default)
 #   roundtrip  the plain eval of the unquantized final model and of the dequantized artifact
 #   eval       METHODS on the artifact (scoring forward compiled on CUDA: eval_compile=auto)
@@ -64,9 +66,9 @@ s=0
 for line in open(sys.argv[1]):
     r=json.loads(line); s=max(s, r.get('step', 0)) if r.get('kind') == 'train' else s
 print(s)" "$RUN/metrics.jsonl" 2>/dev/null || echo 0; }
-if has train; then
-  SETS="--set max_wallclock_seconds=$TRAIN_SECONDS --set warmup_steps=2 --set val_loss_every=0 --set train_log_every=5
+SETS="--set max_wallclock_seconds=$TRAIN_SECONDS --set warmup_steps=2 --set val_loss_every=0 --set train_log_every=5
     --set compressor=$COMPRESSOR ${EXTRA_SETS:-}"
+if has train; then
   date +%s.%N > "$L/launch_first.txt"
   # its own session, so that a kill reaches torchrun's workers too
   setsid $TRAIN --preset "$PRESET" --data-dir $D --run-dir "$RUN" $SETS > "$L/train_stdout.log" 2>&1 &
@@ -87,6 +89,15 @@ if has train; then
       $TRAIN --resume "$RUN" > "$L/resume_stdout.log" 2>&1
     stamp "resumed (rc=$?)"; save
   fi
+fi
+if has warmstart; then
+  W="${RUN}_warmstart"; rm -rf "$W"
+  date +%s.%N > "$L/launch_warmstart.txt"
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) \
+    $TRAIN --preset "$PRESET" --data-dir $D --run-dir "$W" $SETS --set max_wallclock_seconds=30 \
+    > "$L/warmstart_stdout.log" 2>&1
+  stamp "warm start run (rc=$?)"; cp "$W/train.log" "$L/warmstart_train.log"; cp "$W/metrics.jsonl" "$L/warmstart_metrics.jsonl"
+  save
 fi
 if has quantize; then
   python3 -m golfnb.headless --run-dir "$RUN" --stages quantize > "$L/quantize.log" 2>&1
