@@ -5,7 +5,7 @@
 # under $OUT after every stage:
 #   train      train with a short clock; KILL_AT_STEP=N kills it (SIGKILL) once a checkpoint exists and step N is
 #              logged, then resumes it with empty compiler caches, so only golfnb's persisted compile cache helps
-#   warmstart  a second, fresh run of the same config for 30 s of clock with empty Inductor/Triton caches: its
+#   warmstart  a second, fresh run of the same config for WARM_SECONDS (30) of clock with empty Inductor/Triton caches: its
 #              start-up is warm only through golfnb's persisted compile cache (~/.cache/golfnb), as on a new machine
 #   quantize   Hessians + GPTQ + the artifact (COMPRESSOR, brotli by default)
 #   roundtrip  the plain eval of the unquantized final model and of the dequantized artifact
@@ -94,7 +94,7 @@ if has warmstart; then
   W="${RUN}_warmstart"; rm -rf "$W"
   date +%s.%N > "$L/launch_warmstart.txt"
   TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) \
-    $TRAIN --preset "$PRESET" --data-dir $D --run-dir "$W" $SETS --set max_wallclock_seconds=30 \
+    $TRAIN --preset "$PRESET" --data-dir $D --run-dir "$W" $SETS --set max_wallclock_seconds=${WARM_SECONDS:-30} \
     > "$L/warmstart_stdout.log" 2>&1
   stamp "warm start run (rc=$?)"; cp "$W/train.log" "$L/warmstart_train.log"; cp "$W/metrics.jsonl" "$L/warmstart_metrics.jsonl"
   save
