@@ -653,7 +653,8 @@ def ablation_metrics(rows: Sequence[Mapping[str, Any]], by: Sequence[str], metri
     out: dict[str, Any] = {"ablation.metric": metric, "ablation.by": list(by)}
     for r in rows:
         lab = ",".join(f"{k}={r[k]}" for k in by) or "all"
-        out.update({f"ablation.{lab}.mean": r["mean"], f"ablation.{lab}.std": r["std"], f"ablation.{lab}.n": r["n"]})
+        std = r["std"] if r["n"] > 1 else None  # one run has no spread: null, not NaN
+        out.update({f"ablation.{lab}.mean": r["mean"], f"ablation.{lab}.std": std, f"ablation.{lab}.n": r["n"]})
     return out
 
 
@@ -661,7 +662,8 @@ def groups_table(rows: Sequence[Mapping[str, Any]], by: Sequence[str], metric: s
     out = []
     for r in rows:
         d = {k: r[k] for k in by}
-        d.update({"n": r["n"], "mean": r["mean"], "std": r["std"], "values": r["values"], "seeds": r["seeds"]})
+        d.update({"n": r["n"], "mean": r["mean"], "std": r["std"] if r["n"] > 1 else None, "values": r["values"],
+                  "seeds": r["seeds"]})
         if r.get("missing"):
             d["missing"] = r["missing"]
         out.append(d)

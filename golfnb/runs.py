@@ -8,6 +8,7 @@ executed notebook is self-contained; `read_metrics` reads either form back.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,12 @@ def record(name: str, value: Any, run_dir: str | Path | None = None, display: bo
 
 def _plain(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
-        return v.item()
+        v = v.item()
     if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        # NaN/inf are not JSON: written bare they break strict readers (jq, JavaScript) and Jupyter's message
+        # serialisation. As "nan"/"inf" strings the fact survives and numeric consumers skip the value.
         return str(v)
     return v
 

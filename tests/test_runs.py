@@ -28,6 +28,21 @@ def test_record_merges_atomically_and_reads_back(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp*")), "atomic writes leave no temporary files"
 
 
+def test_non_finite_metrics_stay_strict_json(tmp_path: Path) -> None:
+    import numpy as np
+
+    runs.record_many(tmp_path, {"a": math.nan, "b": np.float64(math.inf), "c": 1.5})
+    text = (tmp_path / "metrics.json").read_text()
+    # strict parsers reject bare NaN/Infinity; the values survive as strings and numeric readers skip them
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.json"))
+    assert data == {"a": "nan", "b": "inf", "c": 1.5}
+    rows = [{"num_loops": 0, "n": 1, "mean": 1.7, "std": math.nan}, {"num_loops": 2, "n": 2, "mean": 1.8, "std": 0.01}]
+    m = report.ablation_metrics(rows, ["num_loops"], "train.val_bpb")
+    assert m["ablation.num_loops=0.std"] is None and m["ablation.num_loops=2.std"] == 0.01
+    assert "nan" not in report.groups_table([dict(r, values=[r["mean"]], seeds=[1]) for r in rows], ["num_loops"],
+                                            "train.val_bpb").to_text()
+
+
 def test_record_uses_current_run_dir_and_needs_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GOLFNB_RUN_DIR", raising=False)
     runs.set_current_run_dir(None)
