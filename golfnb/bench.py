@@ -120,30 +120,121 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     if device.type == "cuda":
         result["peak_mem_alloc_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if profile_dir is not None:
-        result["profile"] = profile_steps(tr, phases, Path(profile_dir), log=log)
+        result["profile"] = profile_steps(tr, phases, Path(profile_dir), log=log,
+                                          step_ms={n: result[n]["ms_per_step"] for n, _ in phases})
     log("bench " + " ".join(f"{k}:{v}" for k, v in result.items() if not isinstance(v, dict)))
     return result
 
 
-def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30) -> dict[str, str]:
-    """Profile one optimizer step per phase; write the kernel table (sorted by device time) per phase."""
+# Kernel-name fragments per category, checked in order (attention before matmul: cuDNN's attention kernels also
+# carry "sm90"/"cutlass"-style names). Inductor names its kernels triton_{poi,red,per}_fused_<ops>.
+_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn", "cudnn::fusion")),
+    ("communication", ("nccl",)),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "sm90_", "sm80_", "ampere_", "wgmma")),
+    ("fused reduction (Inductor)", ("triton_red", "triton_per")),
+    ("fused pointwise (Inductor)", ("triton_poi",)),
+    ("other Triton", ("triton_",)),
+    ("copy / fill", ("memcpy", "memset", "copy_kernel", "fill_kernel")),
+    ("optimizer (foreach)", ("foreach", "multi_tensor")),
+)
+
+
+# Profiler entries that carry device time but are not kernels: the launch queue filling up (the host is ahead of
+# the GPU, which is good) and record_function ranges on the GPU timeline (Optimizer.step#..., ProfilerStep#...),
+# which span kernels already counted. Counting them as kernel time would hide idle time.
+_MARKERS = ("command buffer full", "optimizer.step#", "profilerstep#")
+MARKER = "profiler marker (not a kernel)"
+
+
+def kernel_category(name: str) -> str:
+    """Which part of a step a GPU kernel belongs to, from its name (everything unmatched is eager ATen)."""
+    low = name.lower()
+    if any(m in low for m in _MARKERS):
+        return MARKER
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "eager ATen (elementwise, reductions)"
+
+
+def summarize_kernels(kernels: list[tuple[str, float, int]], wall_ms: float) -> list[dict[str, Any]]:
+    """Kernel time per category: rows {category, ms, share, calls} sorted by time, plus the idle remainder.
+
+    `kernels` holds (name, self device ms, calls) per kernel; `wall_ms` is the profiled step's clock. The GPU
+    is idle for wall - busy (launch gaps, host work, synchronisations): that row is what CUDA graphs and
+    fewer, larger kernels can win back."""
+    cats: dict[str, list[float]] = {}
+    for name, ms, calls in kernels:
+        c = cats.setdefault(kernel_category(name), [0.0, 0])
+        c[0] += ms
+        c[1] += calls
+    busy = sum(v[0] for k, v in cats.items() if k != MARKER)
+    rows = [{"category": k, "ms": round(v[0], 2), "share": round(v[0] / wall_ms, 4) if wall_ms else None,
+             "calls": int(v[1])} for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])]
+    rows.append({"category": "GPU idle (wall - kernel time)", "ms": round(max(wall_ms - busy, 0.0), 2),
+                 "share": round(max(wall_ms - busy, 0.0) / wall_ms, 4) if wall_ms else None, "calls": 0})
+    return rows
+
+
+def _device_kernels(prof) -> list[tuple[str, float, int]]:
+    """(name, self device ms, calls) of every device kernel in a finished torch.profiler session."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0:
+            out.append((e.key, us / 1000.0, int(e.count)))
+    return out
+
+
+def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30,
+                  step_ms: dict[str, float] | None = None) -> dict[str, Any]:
+    """Profile one optimizer step per phase. Writes per phase the top-kernel table (by device time) and, on
+    CUDA, the time per kernel category against the step's clock; returns {phase: {table, wall_ms, summary}}.
+
+    The clock is `step_ms[phase]` (the unprofiled median) when given: the profiler slows the host side, so the
+    profiled step's own clock overstates the GPU's idle time."""
     from torch.profiler import ProfilerActivity, profile
 
+    from golfnb.io import atomic_write_json, atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tr.device.type == "cuda" else [])
-    files = {}
+    cuda = tr.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out: dict[str, Any] = {}
     for name, looping in phases:
         tr.model.looping_active = looping
         _time_steps(tr, 1)
         with profile(activities=acts) as prof:
-            _time_steps(tr, 1)
-        key = "self_cuda_time_total" if tr.device.type == "cuda" else "self_cpu_time_total"
+            wall_ms = 1000 * _time_steps(tr, 1)[0]
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=90)
         path = out_dir / f"profile_{name}.txt"
-        path.write_text(table)
-        files[name] = str(path)
-        log(f"profile phase:{name}\n{table}")
-    return files
+        atomic_write_text(path, table)
+        entry: dict[str, Any] = {"table": str(path), "wall_ms": round(wall_ms, 2)}
+        log(f"profile phase:{name} wall_ms:{wall_ms:.1f}\n{table}")
+        if cuda:
+            clock = (step_ms or {}).get(name, wall_ms)
+            entry["clock_ms"] = round(clock, 2)
+            kernels = sorted(_device_kernels(prof), key=lambda k: -k[1])
+            # every kernel, for the analysis the top-N table cannot give (what hides in a category)
+            atomic_write_json(out_dir / f"profile_{name}_kernels.json",
+                              [{"name": n, "ms": round(ms, 3), "calls": c, "category": kernel_category(n)}
+                               for n, ms, c in kernels])
+            rows = summarize_kernels(kernels, clock)
+            entry["summary"] = rows
+            text = "\n".join(f"{r['category']:<40} {r['ms']:>10.2f} ms {100 * (r['share'] or 0):6.1f} %  {r['calls']:>7} calls"
+                             for r in rows)
+            atomic_write_text(out_dir / f"profile_{name}_summary.txt", f"phase {name}, step clock {clock:.1f} ms (profiled {wall_ms:.1f} ms)\n{text}\n")
+            log(f"profile phase:{name} by category\n{text}")
+        out[name] = entry
+    return out
 
 
 def add_bench_parser(sub) -> None:

@@ -1,0 +1,65 @@
+"""The throughput benchmark on CPU (smoke preset, real shards) and its kernel-category breakdown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from golfnb import bench
+from golfnb.config import resolve
+from golfnb.data.build import build_shards
+
+
+@pytest.fixture(scope="module")
+def smoke_data_root(shared_data: Path, sp1024_model: Path, tmp_path_factory) -> Path:
+    """sp1024 train shards from the FineWeb-Edu sample under the layout `with_data_root` expects."""
+    root = tmp_path_factory.mktemp("bench_data")
+    txt = root / "train.txt"
+    txt.write_text((shared_data / "fineweb_edu_sample" / "fineweb_edu_sample10BT_head.txt").read_text()[:60_000])
+    build_shards([txt], sp1024_model, root / "datasets" / "fineweb10B_sp1024", shard_tokens=8_000, workers=1,
+                 progress=False)
+    (root / "tokenizers").mkdir()
+    (root / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(sp1024_model.read_bytes())
+    return root
+
+
+def test_kernel_categories_cover_a_training_step() -> None:
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "triton_red_fused__to_copy_add_mul_rms_norm_3": "fused reduction (Inductor)",
+        "triton_per_fused_add_mul_5": "fused reduction (Inductor)",
+        "triton_poi_fused_leaky_relu_pow_7": "fused pointwise (Inductor)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>": "optimizer (foreach)",
+        "Memcpy DtoD (Device -> Device)": "copy / fill",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<float>>": "eager ATen (elementwise, reductions)",
+    }
+    names["Command Buffer Full"] = names["Optimizer.step#RoundRobinMuon.step"] = bench.MARKER
+    names["void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, ...)"] = "attention"
+    for name, cat in names.items():
+        assert bench.kernel_category(name) == cat, name
+    rows = bench.summarize_kernels([(n, 2.0, 3) for n in names], wall_ms=40.0)
+    by = {r["category"]: r for r in rows}
+    assert by["matmul"]["ms"] == 4.0 and by["matmul"]["calls"] == 6 and by["matmul"]["share"] == 0.1
+    # 11 kernels x 2 ms inside a 40 ms step; the markers' 4 ms are no kernel's time
+    assert by["GPU idle (wall - kernel time)"]["ms"] == 18.0 and by[bench.MARKER]["ms"] == 4.0
+    assert [r["ms"] for r in rows[:-1]] == sorted((r["ms"] for r in rows[:-1]), reverse=True)
+
+
+def test_bench_runs_the_trainer_step_on_real_shards(tmp_path: Path, smoke_data_root: Path) -> None:
+    cfg = resolve("smoke", {"train_batch_tokens": 2048, "train_seq_len": 256}).with_data_root(str(smoke_data_root))
+    lines: list[str] = []
+    res = bench.run_bench(cfg, steps=2, data="real", log=lines.append, profile_dir=str(tmp_path / "prof"))
+    assert res["data"] == "real" and res["device"] and res["params"] > 0
+    phases = ["pre"] + (["post"] if cfg.num_loops > 0 else [])
+    for ph in phases:
+        r = res[ph]
+        assert r["tok_s"] > 0 and r["ms_min"] <= r["ms_per_step"] <= r["ms_max"]
+        assert r["tok_s"] == pytest.approx(cfg.train_batch_tokens / (r["ms_per_step"] / 1000), rel=0.01)
+        table = Path(res["profile"][ph]["table"]).read_text()
+        assert "Self CPU" in table and res["profile"][ph]["wall_ms"] > 0
+    assert any(line.startswith("bench phase:pre ") for line in lines)
+    json.dumps(res)  # the --json output is plain JSON
