@@ -59,7 +59,7 @@ def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
 
 
 def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None) -> dict[str, Any]:
-    from golfnb.attention import resolve_backend
+    from golfnb.attention import available_backends, resolve_backend
     from golfnb.distributed import init_distributed
     from golfnb.model import build_model, count_parameters, flops_per_token
     from golfnb.optim import EMA, build_optimizers
@@ -99,7 +99,9 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     startup_s = time.perf_counter() - _T_PROCESS
     peak = _peak_flops(device)
     result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": device_name(device),
-                              "world_size": dist.world_size, "attn_backend": backend, "data": source,
+                              "world_size": dist.world_size, "attn_backend": backend,
+                              # what else could run here: says whether fa3/fa2 were installed at all
+                              "attn_backends_available": available_backends(device), "data": source,
                               "params": count_parameters(model), "startup_s": round(startup_s, 1),
                               "warmup_s": round(tr.warmup_s, 1), "tokens_per_step": cfg.train_batch_tokens,
                               "torch": torch.__version__, "compile_mode": cfg.compile_mode}

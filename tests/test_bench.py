@@ -54,6 +54,7 @@ def test_bench_runs_the_trainer_step_on_real_shards(tmp_path: Path, smoke_data_r
     lines: list[str] = []
     res = bench.run_bench(cfg, steps=2, data="real", log=lines.append, profile_dir=str(tmp_path / "prof"))
     assert res["data"] == "real" and res["device"] and res["params"] > 0
+    assert res["attn_backend"] in res["attn_backends_available"] and "math" in res["attn_backends_available"]
     phases = ["pre"] + (["post"] if cfg.num_loops > 0 else [])
     for ph in phases:
         r = res[ph]
