@@ -553,11 +553,15 @@ def plan_fit(qmodel: QuantizedModel, target_model_bytes: int, compressor: str = 
         else:
             opt = PlanOption({"matrix_clip_sigmas": k}, size_at(k), True)
             if verify:
-                # compress for real; when over, shift the goal by the prediction error and search again
-                goal = aim
-                for _ in range(4):
-                    ch = {g: (b, opt.change["matrix_clip_sigmas"]) for g, (b, _k) in mats.items()}
+                # Compress for real. While over the aim, shift the goal by the measured prediction error
+                # and search again, stepping k up by a growing minimum so the loop always makes progress.
+                # The option always reports the k that was last measured, never an unverified one.
+                goal, k_try = aim, k
+                for i in range(6):
+                    ch = {g: (b, k_try) for g, (b, _k) in mats.items()}
                     real = len(serialize(_requantized_model(qmodel, ch), compressor, byte_shuffle_stride))
+                    opt.change["matrix_clip_sigmas"] = k_try
+                    opt.predicted_model_bytes = size_at(k_try)
                     opt.verified_model_bytes = real
                     opt.fits = real <= aim
                     if opt.fits:
@@ -566,8 +570,7 @@ def plan_fit(qmodel: QuantizedModel, target_model_bytes: int, compressor: str = 
                     k2 = smallest_k(goal)
                     if k2 is None:
                         break
-                    opt.change["matrix_clip_sigmas"] = max(k2, opt.change["matrix_clip_sigmas"] + 0.01)
-                    opt.predicted_model_bytes = size_at(opt.change["matrix_clip_sigmas"])
+                    k_try = max(k2, math.ceil(k_try * (1.0 + 0.02 * 2 ** i) * 100) / 100)
             opts.append(opt)
     bit_opts: list[dict[str, tuple[int, float]]] = []
     for g in ("mlp", "attn"):

@@ -199,6 +199,10 @@ def test_planner_advice_fits_when_applied(setup, tmp_path, capsys):
     k_opt = next(o for o in fits if "matrix_clip_sigmas" in o.change)
     assert k_opt.change["matrix_clip_sigmas"] > cfg.matrix_clip_sigmas
     assert k_opt.verified_model_bytes is not None and k_opt.verified_model_bytes + code <= limit
+    # the verified size belongs to the k the option proposes, not to an earlier try of the search
+    k = k_opt.change["matrix_clip_sigmas"]
+    ch = {g: (s[0], k) for g in ("attn", "mlp") if (s := artifact._group_setting(q, g)) is not None}
+    assert len(serialize(artifact._requantized_model(q, ch), "brotli", 2)) == k_opt.verified_model_bytes
     for o in fits:
         q2 = quantize_model(model, cfg.replace(**o.change), h, progress=False)
         got = len(serialize(q2, "brotli", 2))
