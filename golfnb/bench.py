@@ -2,6 +2,7 @@
 
     python -m golfnb.bench --preset pr1514 --steps 20
     python -m golfnb.bench --preset pr1514 --steps 20 --set attn_backend=sdpa_flash --json out.json
+    python -m golfnb.bench --preset pr1514 --ce-only     # the LM head + cross-entropy alone, per CE backend
 
 It runs the trainer's own step function (same model, optimizer, compile and precision as `golfnb.train`) on
 real shards when the config's data is present, else on uniformly random tokens (throughput does not depend
@@ -23,7 +24,7 @@ from golfnb.provenance import device_name
 
 _T_PROCESS = time.perf_counter()
 
-__all__ = ["run_bench", "SyntheticLoader", "main", "add_bench_parser"]
+__all__ = ["run_bench", "run_ce_bench", "SyntheticLoader", "main", "add_bench_parser"]
 
 
 class SyntheticLoader:
@@ -60,6 +61,7 @@ def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
 
 def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None) -> dict[str, Any]:
     from golfnb.attention import available_backends, resolve_backend
+    from golfnb.fused_ce import resolve_ce_backend
     from golfnb.distributed import init_distributed
     from golfnb.model import build_model, count_parameters, flops_per_token
     from golfnb.optim import EMA, build_optimizers
@@ -86,6 +88,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     model = build_model(cfg, device)
     backend = resolve_backend(cfg.attn_backend, device)
     model.set_attn_backend(backend)
+    model.set_ce_backend(resolve_ce_backend(cfg.ce_backend, device))
     fwd = model if cfg.compile_mode == "none" else torch.compile(
         model, dynamic=False, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
     bundle = build_optimizers(model, cfg, dist)
@@ -99,7 +102,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     startup_s = time.perf_counter() - _T_PROCESS
     peak = _peak_flops(device)
     result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": device_name(device),
-                              "world_size": dist.world_size, "attn_backend": backend,
+                              "world_size": dist.world_size, "attn_backend": backend, "ce_backend": model.ce_backend,
                               # what else could run here: says whether fa3/fa2 were installed at all
                               "attn_backends_available": available_backends(device), "data": source,
                               "params": count_parameters(model), "startup_s": round(startup_s, 1),
@@ -239,6 +242,89 @@ def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30,
     return out
 
 
+def run_ce_bench(cfg, steps: int = 20, tokens: int | None = None, log=print) -> dict[str, Any]:
+    """The LM head GEMM + soft-capped cross-entropy alone, forward and backward, at one micro-step's shape.
+
+    Arms: `torch` (the model's plain path: bf16 GEMM, fp32 soft-cap, F.cross_entropy) and, where it can run,
+    `triton` (golfnb.fused_ce.head_softcap_ce). Each is compiled as training compiles the model unless
+    compile_mode is none. Reports the median ms per forward+backward, the peak memory above the inputs, and
+    each arm's loss on the same inputs (they must agree to rounding).
+    """
+    import torch.nn.functional as F
+
+    from golfnb.fused_ce import head_softcap_ce, resolve_ce_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    n = tokens or cfg.micro_batch_seqs(1) * cfg.train_seq_len
+    d, v, cap = cfg.model_dim, cfg.vocab_size, cfg.logit_softcap
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    h0 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
+    w0 = torch.randn(v, d, device=device, dtype=dtype, generator=g) * 2 * d ** -0.5  # logits with std ~2
+    t = torch.randint(0, v, (n,), device=device, generator=g)
+
+    def plain(h, w, tt):
+        z = F.linear(h, w).float()
+        if cap > 0:
+            z = cap * torch.tanh(z / cap)
+        return F.cross_entropy(z, tt)
+
+    def fused(h, w, tt):
+        return head_softcap_ce(h, w, tt, cap).mean()
+
+    arms = {"torch": plain}
+    if resolve_ce_backend("auto", device) == "triton":
+        arms["triton"] = fused
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    out: dict[str, Any] = {"device": device_name(device), "tokens": n, "model_dim": d, "vocab_size": v,
+                           "logit_softcap": cap, "dtype": str(dtype).removeprefix("torch."),
+                           "compile_mode": cfg.compile_mode, "steps": steps, "arms": {}}
+    for name, fn in arms.items():
+        f = fn if cfg.compile_mode == "none" else torch.compile(
+            fn, dynamic=False, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
+        h = h0.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+
+        def once() -> torch.Tensor:
+            h.grad = w.grad = None
+            loss = f(h, w, t)
+            loss.backward()
+            return loss.detach()
+
+        for _ in range(3):  # compile and warm-up
+            once()
+        h.grad = w.grad = None
+        sync()
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = once()
+            sync()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        arm = {"ms": round(1000 * times[len(times) // 2], 3), "ms_min": round(1000 * times[0], 3),
+               "loss": float(loss), "grad_h_norm": float(h.grad.float().norm()),
+               "grad_w_norm": float(w.grad.float().norm())}
+        if cuda:
+            arm["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2 ** 20, 1)
+        out["arms"][name] = arm
+        log(f"ce_bench arm:{name} tokens:{n} vocab:{v} ms:{arm['ms']:.3f} loss:{arm['loss']:.6f}"
+            + (f" peak_mib:{arm['peak_mib']}" if cuda else ""))
+    if "triton" in out["arms"]:
+        out["speedup"] = round(out["arms"]["torch"]["ms"] / out["arms"]["triton"]["ms"], 3)
+        log(f"ce_bench speedup triton/torch: {out['speedup']:.3f}x")
+    return out
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training throughput per phase (tok/s, ms/step, MFU, memory)")
     _add_args(p)
@@ -253,6 +339,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", help="write the result here")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per phase; kernel tables into DIR")
+    p.add_argument("--ce-only", action="store_true",
+                   help="time only the LM head + cross-entropy (forward and backward) per CE backend")
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
@@ -262,7 +350,10 @@ def _run_from_args(args: argparse.Namespace) -> int:
     from golfnb.train import parse_overrides
 
     cfg = resolve(args.preset, parse_overrides(args.set)).with_data_root(args.data_dir or os.environ.get("GOLFNB_DATA_DIR"))
-    res = run_bench(cfg, steps=args.steps, data=args.data, profile_dir=args.profile)
+    if args.ce_only:
+        res = run_ce_bench(cfg, steps=args.steps)
+    else:
+        res = run_bench(cfg, steps=args.steps, data=args.data, profile_dir=args.profile)
     if args.json:
         from golfnb.io import atomic_write_json
 

@@ -51,6 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mlp_activation": ("leaky_relu2", "relu2"),
     "parallel_residual": ("none", "two_lane", "gptj", "routed"),
     "attn_backend": ("auto", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math"),
+    "ce_backend": ("auto", "triton", "torch"),
     "grad_clip_mode": ("global", "per_rank"),
     "compressor": ("brotli", "lzma", "zstd"),
     "ttt_optimizer": ("sgd", "muon"),
@@ -125,6 +126,7 @@ class Hyperparameters:
     ve_dim: int = 0  # shared value embedding width (0 = off); #549/#1176: 128
     ve_layers: tuple = ()  # layers that add the value embedding, e.g. (9, 10)
     attn_backend: str = "auto"
+    ce_backend: str = "auto"  # training loss: triton = fused soft-capped CE (golfnb.fused_ce); auto = triton on CUDA
 
     # ---------------------------------------------------------------- optimizer
     matrix_lr: float = 0.02

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from golfnb.attention import attention
 from golfnb.config import ConfigError, Hyperparameters
+from golfnb.fused_ce import head_softcap_ce
 
 __all__ = ["GPT", "build_model", "count_parameters", "MATRIX_SUFFIXES", "apply_rotary", "xsa_project"]
 
@@ -287,6 +288,7 @@ class GPT(nn.Module):
         self.banked = cfg.bank_params
         self.looping_active = False
         self.attn_backend = "sdpa"
+        self.ce_backend = "torch"
         self.par_mode = cfg.parallel_residual
         self.par_start = cfg.parallel_start_layer
         self._check_parallel_layout()
@@ -372,6 +374,12 @@ class GPT(nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         self.attn_backend = backend
+
+    def set_ce_backend(self, backend: str) -> None:
+        """`torch` or `triton` (golfnb.fused_ce.resolve_ce_backend turns a config value into one of these)."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"ce_backend {backend!r}: resolve it with golfnb.fused_ce.resolve_ce_backend first")
+        self.ce_backend = backend
 
     def param_roles(self) -> dict[str, str]:
         """Optimizer role of every parameter: matrix (Muon), embed, head, or scalar (AdamW groups)."""
@@ -515,9 +523,15 @@ class GPT(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy when targets are given, else the logits."""
-        logits = self.forward_logits(ids)
         if targets is None:
-            return logits
+            return self.forward_logits(ids)
+        if self.ce_backend == "triton":
+            # head GEMM + soft-capped CE in one custom op: the fp32 logits are never materialised
+            h = self.head_in(self.hidden(ids))
+            w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+            return head_softcap_ce(h.reshape(-1, h.shape[-1]), w.to(h.dtype), targets.reshape(-1),
+                                   self.cfg.logit_softcap).mean()
+        logits = self.forward_logits(ids)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 

@@ -228,6 +228,8 @@ class _Strip(ast.NodeTransformer):
     def _func(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
         self.generic_visit(node)
         node.body = self._body(node.body)
+        if _reads_annotations(node):
+            return node  # for triton.jit (tl.constexpr) and torch.library.custom_op (the op schema) they are semantics
         node.returns = None
         a = node.args
         for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
@@ -254,6 +256,17 @@ class _Strip(ast.NodeTransformer):
             if fld == "body" and isinstance(body, list) and not body and not isinstance(node, ast.Module):
                 node.body = [ast.Pass()]
         return node
+
+
+_ANNOTATION_READERS = frozenset({"jit", "custom_op"})
+
+
+def _reads_annotations(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    for d in node.decorator_list:
+        f = d.func if isinstance(d, ast.Call) else d
+        if (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")) in _ANNOTATION_READERS:
+            return True
+    return False
 
 
 def _drop_main_block(tree: ast.Module) -> None:
@@ -812,6 +825,7 @@ class _F(_a.MetaPathFinder,_a.Loader):
  def find_spec(self,n,p=None,t=None):
   if n in _M:return _u.spec_from_loader(n,self,is_package=_M[n][0])
  def create_module(self,s):return None
+ def get_source(self,n):return _M[n][1]
  def exec_module(self,m):
   k,c=_M[m.__name__];f='<packed>/'+m.__name__.replace('.','/')+('/__init__.py'if k else'.py')
   if k:m.__path__=[]

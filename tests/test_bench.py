@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from golfnb import bench
-from golfnb.config import resolve
+from golfnb.config import preset, resolve
 from golfnb.data.build import build_shards
 
 
@@ -64,3 +66,24 @@ def test_bench_runs_the_trainer_step_on_real_shards(tmp_path: Path, smoke_data_r
         assert "Self CPU" in table and res["profile"][ph]["wall_ms"] > 0
     assert any(line.startswith("bench phase:pre ") for line in lines)
     json.dumps(res)  # the --json output is plain JSON
+
+
+def test_ce_bench_times_each_backend_on_the_same_inputs(capsys) -> None:
+    """`--ce-only`: the LM head + CE alone. On CPU only the plain arm can run (Triton needs CUDA); with a GPU both
+    arms run on the same inputs and must give the same loss and gradients to bf16 rounding."""
+    cfg = preset("smoke").replace(compile_mode="none")
+    res = bench.run_ce_bench(cfg, steps=3, tokens=256)
+    assert res["tokens"] == 256 and res["vocab_size"] == cfg.vocab_size and res["model_dim"] == cfg.model_dim
+    plain = res["arms"]["torch"]
+    assert plain["ms"] > 0 and plain["ms_min"] <= plain["ms"]
+    # logits with std ~2 over V classes: the loss is log V plus about var/2 = 2, not 0 or inf
+    assert math.log(cfg.vocab_size) < plain["loss"] < math.log(cfg.vocab_size) + 4 and plain["grad_w_norm"] > 0
+    if torch.cuda.is_available():
+        fused = res["arms"]["triton"]
+        assert abs(fused["loss"] - plain["loss"]) < 1e-2 * plain["loss"]
+        assert abs(fused["grad_h_norm"] / plain["grad_h_norm"] - 1) < 2e-2
+        assert res["speedup"] == round(plain["ms"] / fused["ms"], 3)
+    else:
+        assert set(res["arms"]) == {"torch"} and "speedup" not in res
+    assert bench.main(["--preset", "smoke", "--ce-only", "--steps", "2", "--set", "compile_mode=none"]) == 0
+    assert "ce_bench arm:torch" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The fused soft-capped cross-entropy on ONE GPU, both arms on the same machine (ratios only count that way):
+#   sweep  the kernel alone (gradient in place) at pr1514's [98,304 x 8,192] bf16 logits, per block size and warp
+#          count: ms and effective bandwidth (one read + one write of the logits)
+#   op     the LM head + CE alone at pr1514's micro-step shape, ce_backend torch vs triton (python -m golfnb.bench --ce-only)
+#   test   tests/test_fused_ce.py and the CE benchmark test on CUDA (compiled kernel, pr1514 shapes)
+#   bench  the training benchmark (both phases) with ce_backend=torch, then =triton, synthetic tokens
+#   train  a short pr1514 run per arm, same seed and data, schedule by step (ITERS steps, no clock), then the final
+#          val_bpb of each: the fused path must train the same model (delegates to scripts/gpu_report_run.sh)
+#   OUT=/tmp/out STAGES=op,test,bench scripts/gpu_ce_check.sh
+#   OUT=/tmp/out STAGES=train ITERS=80 scripts/gpu_ce_check.sh
+set -u
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+STAGES=${STAGES:-op,test,bench}
+PRESET=${PRESET:-pr1514}
+STEPS=${STEPS:-8}
+ITERS=${ITERS:-80}
+export PYTHONUNBUFFERED=1
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+t0=$(date +%s); stamp() { echo "[t+$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/timeline.txt"; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/gpu.txt" 2>&1
+stamp "start"
+if has sweep; then
+  python3 - > "$OUT/sweep.log" 2>&1 <<'PY'
+import torch
+from golfnb import _triton_ce
+N, V = 98304, 8192
+g = torch.Generator(device="cuda").manual_seed(0)
+z0 = (torch.randn(N, V, device="cuda", generator=g) * 3).bfloat16()
+t = torch.randint(0, V, (N,), device="cuda", generator=g)
+z = z0.clone()
+ref, _ = _triton_ce.softcap_ce(z0, t, 30.0, False)
+for block, warps in [(8192, 4), (8192, 8), (8192, 16), (8192, 32), (4096, 8), (4096, 16), (2048, 4), (2048, 8)]:
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ms = []
+    for i in range(12):
+        z.copy_(z0)
+        ev[0].record()
+        loss, _ = _triton_ce.softcap_ce(z, t, 30.0, True, block=block, num_warps=warps, inplace=True)
+        ev[1].record(); torch.cuda.synchronize()
+        if i >= 2:
+            ms.append(ev[0].elapsed_time(ev[1]))
+    ms.sort(); m = ms[len(ms) // 2]
+    err = (loss - ref).abs().max().item()
+    print(f"sweep block:{block} num_warps:{warps} ms:{m:.3f} GB_s:{2 * N * V * 2 / m / 1e6:.0f} max_loss_diff:{err:.2e}")
+PY
+  stamp "kernel sweep (rc=$?)"
+fi
+if has op; then
+  python3 -m golfnb.bench --preset "$PRESET" --ce-only --steps 20 --json "$OUT/ce_op.json" > "$OUT/ce_op.log" 2>&1
+  stamp "op bench (rc=$?)"
+fi
+if has test; then
+  python3 -m pytest tests/test_fused_ce.py "tests/test_bench.py::test_ce_bench_times_each_backend_on_the_same_inputs" \
+    -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  stamp "tests (rc=$?)"
+fi
+if has bench; then
+  for arm in torch triton; do
+    python3 -m golfnb.bench --preset "$PRESET" --steps "$STEPS" --data synthetic --set ce_backend=$arm \
+      --json "$OUT/bench_$arm.json" > "$OUT/bench_$arm.log" 2>&1
+    stamp "bench ce_backend=$arm (rc=$?)"
+  done
+fi
+if has train; then
+  for arm in torch triton; do
+    OUT="/tmp/ce_report_$arm" RUN="runs/ce_$arm" PRESET="$PRESET" TRAIN_SECONDS=0 STAGES=train \
+      EXTRA_SETS="--set iterations=$ITERS --set ce_backend=$arm --set seed=1337" scripts/gpu_report_run.sh \
+      > "$OUT/train_$arm.txt" 2>&1
+    stamp "train ce_backend=$arm (rc=$?)"
+    # flat in $OUT, next to the other results
+    cp "runs/ce_$arm/train.log" "$OUT/train_${arm}.log" 2>/dev/null
+    cp "runs/ce_$arm/metrics.jsonl" "$OUT/train_${arm}_metrics.jsonl" 2>/dev/null
+  done
+fi
