@@ -24,6 +24,9 @@ import triton.language as tl
 MAX_BLOCK = 8192  # columns held in registers at once; pr1514's whole 8192-token vocabulary is one block
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a kernel may read must be a constexpr instance
+
+
 @triton.jit
 def _tanh(x):
     # via exp(-2|x|): no overflow for any x, and no libdevice (the interpreter has none)
@@ -33,9 +36,35 @@ def _tanh(x):
 
 
 @triton.jit
+def _capped(z, softcap, FAST: tl.constexpr):
+    """(softcap * tanh(z / softcap), tanh(z / softcap)). FAST: one exp2 and one approximate division per element
+    instead of a correctly rounded division by softcap, an exp and another correctly rounded division (the kernel
+    is bound by these per-element instructions, not by memory; the error stays at a few ulp of fp32)."""
+    if FAST:
+        e = tl.exp2(tl.abs(z) * (-2.0 * LOG2E / softcap))
+        t = tl.fdiv(1.0 - e, 1.0 + e)
+        th = tl.where(z < 0, -t, t)
+    else:
+        th = _tanh(z / softcap)
+    return softcap * th, th
+
+
+@triton.jit
+def _load_capped(ptrs, mask, softcap, SOFTCAP: tl.constexpr, FAST: tl.constexpr):
+    """Soft-capped fp32 logits (-inf outside the mask, so they vanish from max and sum) and their tanh (the
+    gradient's 1 - tanh^2 factor; meaningless when SOFTCAP is off)."""
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        zc, th = _capped(z, softcap, FAST)
+    else:
+        zc, th = z, z
+    return tl.where(mask, zc, float("-inf")), th
+
+
+@triton.jit
 def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, softcap,
                        SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-                       ONE_BLOCK: tl.constexpr):
+                       ONE_BLOCK: tl.constexpr, FAST: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     target = tl.load(t_ptr + row).to(tl.int64)
@@ -45,15 +74,15 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
     if ONE_BLOCK:
         # the whole row in registers: one read of the logits
         mask = cols < V
-        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if SOFTCAP:
-            th = _tanh(z / softcap)
-            zc = softcap * th
-        else:
-            zc = z
-        zc = tl.where(mask, zc, float("-inf"))
+        zc, th = _load_capped(z_row + cols, mask, softcap, SOFTCAP, FAST)
         m = tl.max(zc, 0)
-        lse = m + tl.log(tl.sum(tl.exp(zc - m), 0))
+        if FAST:
+            # the exponentials of the sum are kept and reused for the softmax below: one exp2 per element, not two
+            p = tl.exp2((zc - m) * LOG2E)
+            s = tl.sum(p, 0)
+        else:
+            s = tl.sum(tl.exp(zc - m), 0)
+        lse = m + tl.log(s)
         # an out-of-range target selects nothing and makes the loss NaN, which the trainer reports
         hit = cols == target
         zt = tl.sum(tl.where(hit, zc, 0.0), 0)
@@ -61,7 +90,10 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
         loss = tl.where(ok, lse - zt, float("nan"))
         tl.store(loss_ptr + row + one, tl.zeros([1], tl.float32) + loss)
         if WITH_GRAD:
-            g = tl.exp(zc - lse) - tl.where(hit, 1.0, 0.0)
+            if FAST:
+                g = p * (1.0 / s) - tl.where(hit, 1.0, 0.0)
+            else:
+                g = tl.exp(zc - lse) - tl.where(hit, 1.0, 0.0)
             if SOFTCAP:
                 g = g * (1.0 - th * th)
             tl.store(dz_ptr + row * dz_stride + cols, g.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -71,11 +103,7 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
         s = tl.zeros([1], tl.float32)
         for off in range(0, V, BLOCK):
             c = off + cols
-            mask = c < V
-            z = tl.load(z_row + c, mask=mask, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                z = softcap * _tanh(z / softcap)
-            z = tl.where(mask, z, float("-inf"))
+            z, _th = _load_capped(z_row + c, c < V, softcap, SOFTCAP, FAST)
             m_new = tl.maximum(m, tl.max(z, 0))  # every block holds a valid column, so m_new is finite
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
@@ -83,7 +111,7 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
         ok = (target >= 0) & (target < V)
         zt = tl.load(z_row + tl.where(ok, target, 0)).to(tl.float32)
         if SOFTCAP:
-            zt = softcap * _tanh(zt / softcap)
+            zt, _th = _capped(zt, softcap, FAST)
         loss = tl.where(ok, lse - zt, float("nan"))
         tl.store(loss_ptr + row + one, loss)
         if WITH_GRAD:
@@ -91,12 +119,7 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
             for off in range(0, V, BLOCK):
                 c = off + cols
                 mask = c < V
-                z = tl.load(z_row + c, mask=mask, other=0.0).to(tl.float32)
-                if SOFTCAP:
-                    th = _tanh(z / softcap)
-                    zc = softcap * th
-                else:
-                    zc = z
+                zc, th = _load_capped(z_row + c, mask, softcap, SOFTCAP, FAST)
                 g = tl.exp(zc - lse) - tl.where(c == target, 1.0, 0.0)
                 if SOFTCAP:
                     g = g * (1.0 - th * th)
@@ -105,12 +128,13 @@ def _softcap_ce_kernel(z_ptr, z_stride, t_ptr, loss_ptr, dz_ptr, dz_stride, V, s
 
 def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float, with_grad: bool,
                block: int | None = None, num_warps: int | None = None,
-               inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               inplace: bool = False, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (fp32 [N]) and, if `with_grad`, d loss / d z in z's dtype (else an empty tensor).
 
     `inplace` (with `with_grad`) writes the gradient over z itself and returns z as dz. That is safe because each
     program reads its row (or, past one block, each block and the target logit) before it writes there, and it
-    halves the memory the head needs: the logits are dead once their gradient exists.
+    halves the memory the head needs: the logits are dead once their gradient exists. `fast=False` keeps the
+    correctly rounded divisions and separate exponentials (the first version; kept for comparison).
     """
     N, V = z.shape
     if inplace:
@@ -127,8 +151,10 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float, with_grad
         return loss, dz
     block = block or min(triton.next_power_of_2(V), MAX_BLOCK)
     if num_warps is None:
-        num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+        # best of a sweep at [98,304 x 8,192] (docs/performance.md): the fast kernel keeps the row's exponentials
+        # live, and at 16 warps it lost to 8
+        num_warps = (8 if fast else 16) if block >= 8192 else 8 if block >= 2048 else 4
     _softcap_ce_kernel[(N,)](
         z, z.stride(0), targets, loss, dz, dz.stride(0) if with_grad else 0, V, float(softcap),
-        SOFTCAP=softcap > 0, WITH_GRAD=with_grad, BLOCK=block, ONE_BLOCK=block >= V, num_warps=num_warps)
+        SOFTCAP=softcap > 0, WITH_GRAD=with_grad, BLOCK=block, ONE_BLOCK=block >= V, FAST=fast, num_warps=num_warps)
     return loss, dz

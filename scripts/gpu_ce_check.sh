@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused soft-capped cross-entropy on ONE GPU, both arms on the same machine (ratios only count that way):
-#   sweep  the kernel alone (gradient in place) at pr1514's [98,304 x 8,192] bf16 logits, per block size and warp
-#          count: ms and effective bandwidth (one read + one write of the logits)
+#   sweep  the kernel alone (gradient in place) at pr1514's [98,304 x 8,192] bf16 logits, per block size, warp
+#          count and math (fast=0: correctly rounded divisions): ms and effective bandwidth (one read + one write)
 #   op     the LM head + CE alone at pr1514's micro-step shape, ce_backend torch vs triton (python -m golfnb.bench --ce-only)
 #   test   tests/test_fused_ce.py and the CE benchmark test on CUDA (compiled kernel, pr1514 shapes)
 #   bench  the training benchmark (both phases) with ce_backend=torch, then =triton, synthetic tokens
@@ -36,20 +36,21 @@ g = torch.Generator(device="cuda").manual_seed(0)
 z0 = (torch.randn(N, V, device="cuda", generator=g) * 3).bfloat16()
 t = torch.randint(0, V, (N,), device="cuda", generator=g)
 z = z0.clone()
-ref, _ = _triton_ce.softcap_ce(z0, t, 30.0, False)
-for block, warps in [(8192, 4), (8192, 8), (8192, 16), (8192, 32), (4096, 8), (4096, 16), (2048, 4), (2048, 8)]:
+ref, _ = _triton_ce.softcap_ce(z0, t, 30.0, False, fast=False)
+for block, warps, fast in [(8192, 16, False), (8192, 8, False), (2048, 4, False), (8192, 8, True), (8192, 16, True),
+                           (8192, 32, True), (4096, 8, True), (2048, 4, True), (2048, 8, True)]:
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     ms = []
     for i in range(12):
         z.copy_(z0)
         ev[0].record()
-        loss, _ = _triton_ce.softcap_ce(z, t, 30.0, True, block=block, num_warps=warps, inplace=True)
+        loss, _ = _triton_ce.softcap_ce(z, t, 30.0, True, block=block, num_warps=warps, inplace=True, fast=fast)
         ev[1].record(); torch.cuda.synchronize()
         if i >= 2:
             ms.append(ev[0].elapsed_time(ev[1]))
     ms.sort(); m = ms[len(ms) // 2]
     err = (loss - ref).abs().max().item()
-    print(f"sweep block:{block} num_warps:{warps} ms:{m:.3f} GB_s:{2 * N * V * 2 / m / 1e6:.0f} max_loss_diff:{err:.2e}")
+    print(f"sweep block:{block} num_warps:{warps} fast:{int(fast)} ms:{m:.3f} GB_s:{2 * N * V * 2 / m / 1e6:.0f} max_loss_diff:{err:.2e}")
 PY
   stamp "kernel sweep (rc=$?)"
 fi
