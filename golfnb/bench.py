@@ -252,7 +252,7 @@ def run_ce_bench(cfg, steps: int = 20, tokens: int | None = None, log=print) -> 
     """
     import torch.nn.functional as F
 
-    from golfnb.fused_ce import head_softcap_ce, resolve_ce_backend
+    from golfnb.fused_ce import head_softcap_ce, resolve_ce_backend, softcap_ce_reference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -265,10 +265,7 @@ def run_ce_bench(cfg, steps: int = 20, tokens: int | None = None, log=print) -> 
     t = torch.randint(0, v, (n,), device=device, generator=g)
 
     def plain(h, w, tt):
-        z = F.linear(h, w).float()
-        if cap > 0:
-            z = cap * torch.tanh(z / cap)
-        return F.cross_entropy(z, tt)
+        return softcap_ce_reference(F.linear(h, w), tt, cap).mean()
 
     def fused(h, w, tt):
         return head_softcap_ce(h, w, tt, cap).mean()

@@ -13,9 +13,9 @@ so the backward applies it to the head GEMMs' small operands instead of to the [
     dL/dW = dz^T diag(g) h  = dz^T @ (g[:, None] * h)
 
 which saves the full pass over the logits gradient that multiplying by g would cost. The kernel is an opaque
-custom op to torch.compile, with a fake implementation for tracing: `golfnb::softcap_ce` returns loss and
-gradient; `golfnb::softcap_ce_grad_`, which training uses, writes the gradient over the logits, so the head
-keeps one [N, V] bf16 buffer alive instead of two (1.5 GiB less per pr1514 micro-step).
+custom op to torch.compile (`golfnb::softcap_ce_grad_`, with a fake implementation for tracing) that writes
+the gradient over the logits, so the head keeps one [N, V] bf16 buffer alive instead of two (1.5 GiB less per
+pr1514 micro-step). The kernel alone, without autograd, is `golfnb._triton_ce.softcap_ce`.
 """
 from __future__ import annotations
 
@@ -66,20 +66,6 @@ def softcap_ce_reference(z: torch.Tensor, targets: torch.Tensor, softcap: float)
 # ----------------------------------------------------------------------------------------- fused op
 
 
-@torch.library.custom_op("golfnb::softcap_ce", mutates_args=())
-def _softcap_ce_op(z: torch.Tensor, targets: torch.Tensor, softcap: float,
-                   with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from golfnb import _triton_ce
-
-    return _triton_ce.softcap_ce(z, targets, softcap, with_grad)
-
-
-@_softcap_ce_op.register_fake
-def _softcap_ce_fake(z, targets, softcap, with_grad):
-    loss = z.new_empty(z.shape[0], dtype=torch.float32)
-    return loss, (torch.empty_like(z, memory_format=torch.contiguous_format) if with_grad else z.new_empty(0))
-
-
 @torch.library.custom_op("golfnb::softcap_ce_grad_", mutates_args=("z",))
 def _softcap_ce_grad_inplace(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
     """Per-row loss; z is overwritten by d loss / d z (the head's logits are not needed after)."""
@@ -91,13 +77,6 @@ def _softcap_ce_grad_inplace(z: torch.Tensor, targets: torch.Tensor, softcap: fl
 @_softcap_ce_grad_inplace.register_fake
 def _softcap_ce_grad_inplace_fake(z, targets, softcap):
     return z.new_empty(z.shape[0], dtype=torch.float32)
-
-
-def softcap_ce_triton(z: torch.Tensor, targets: torch.Tensor, softcap: float,
-                      with_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel alone: (per-row loss fp32, d loss/d z or an empty tensor). No autograd."""
-    _check(z, targets)
-    return _softcap_ce_op(z, targets, float(softcap), with_grad)
 
 
 class _HeadSoftcapCE(torch.autograd.Function):
@@ -128,11 +107,7 @@ def head_softcap_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, sof
         raise ValueError(f"h and w must share a dtype (got {h.dtype} and {w.dtype}); cast w first")
     if targets.shape != (h.shape[0],):
         raise ValueError(f"targets must be [N] = [{h.shape[0]}], got {tuple(targets.shape)}")
-    return _HeadSoftcapCE.apply(h, w, targets, float(softcap))
-
-
-def _check(z: torch.Tensor, targets: torch.Tensor) -> None:
-    if z.dim() != 2 or targets.shape != (z.shape[0],):
-        raise ValueError(f"softcap CE wants z [N, V] and targets [N]; got {tuple(z.shape)} and {tuple(targets.shape)}")
     if targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be int32 or int64 token ids, got {targets.dtype}")
+    return _HeadSoftcapCE.apply(h, w, targets, float(softcap))
+

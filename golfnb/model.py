@@ -502,11 +502,14 @@ class GPT(nn.Module):
                 x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [V, d]: the tied embedding unless the model has its own head."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
     def logits_from_hidden(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits 30*tanh(z/30) from final-norm states (plus an optional pre-cap bias)."""
         h = self.head_in(h)
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(h, w.to(h.dtype)).float()
+        z = F.linear(h, self.head_weight().to(h.dtype)).float()
         if bias is not None:
             z = z + bias
         c = self.cfg.logit_softcap
@@ -528,8 +531,7 @@ class GPT(nn.Module):
         if self.ce_backend == "triton":
             # head GEMM + soft-capped CE in one custom op: the fp32 logits are never materialised
             h = self.head_in(self.hidden(ids))
-            w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-            return head_softcap_ce(h.reshape(-1, h.shape[-1]), w.to(h.dtype), targets.reshape(-1),
+            return head_softcap_ce(h.reshape(-1, h.shape[-1]), self.head_weight().to(h.dtype), targets.reshape(-1),
                                    self.cfg.logit_softcap).mean()
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -62,7 +62,7 @@ def test_kernel_bf16_logits_and_int32_targets(kernel):
     z = (torch.randn(64, 2048, generator=g) * 8).bfloat16().to(DEV)
     t = torch.randint(0, 2048, (64,), generator=g, dtype=torch.int32).to(DEV)
     ref_loss, ref_dz = _reference(z, t.long(), 30.0)
-    loss, dz = fused_ce.softcap_ce_triton(z, t, 30.0, with_grad=True)
+    loss, dz = kernel.softcap_ce(z, t, 30.0, True)
     assert dz.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=2e-5)  # fp32 inside: the same loss
     torch.testing.assert_close(dz.float(), ref_dz, rtol=1e-2, atol=1e-5)  # one bf16 rounding of the gradient
@@ -193,6 +193,8 @@ def test_backend_resolution_and_bad_values():
         build_model(preset("smoke"), "cpu").set_ce_backend("auto")
     with pytest.raises(ValueError, match=r"targets must be \[N\]"):
         fused_ce.head_softcap_ce(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(3, dtype=torch.long), 30.0)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        fused_ce.head_softcap_ce(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4), 30.0)
     if CUDA:
         assert fused_ce.resolve_ce_backend("auto", "cuda") == "triton"
 
