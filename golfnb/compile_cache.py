@@ -16,6 +16,11 @@ golfnb sources and the config without the fields that only steer the schedule, t
 that is too narrow only costs a cold compile: the artifacts are looked up by their own hashes on load, so a
 stale file can never change what runs.
 
+The eval passes' compiled scoring forward (golfnb.evals.common.scoring_forward) has a cache of its own
+(`purpose="eval"`: `<run_dir>/cache/compile_eval.bin` and `<cache root>/compile/eval-<key>.bin`), keyed by the
+model's shape and the eval shapes only, so re-scoring an artifact, or another run's artifact of the same stack,
+with other eval settings starts warm.
+
 The cache root is `$GOLFNB_CACHE_DIR` (default `~/.cache/golfnb`); `GOLFNB_COMPILE_CACHE=off` disables it.
 """
 from __future__ import annotations
@@ -30,9 +35,12 @@ from typing import Any
 from golfnb.config import Hyperparameters
 from golfnb.io import atomic_write_bytes, cache_dir
 
-__all__ = ["CacheState", "cache_root", "cache_key", "load", "save", "RUN_CACHE_RELPATH"]
+__all__ = ["CacheState", "cache_root", "cache_key", "load", "save", "RUN_CACHE_RELPATH", "RUN_EVAL_CACHE_RELPATH",
+           "PURPOSES"]
 
 RUN_CACHE_RELPATH = Path("cache") / "compile.bin"
+RUN_EVAL_CACHE_RELPATH = Path("cache") / "compile_eval.bin"
+PURPOSES = ("train", "eval")
 
 # Fields that never reach a compiled graph: identity, data location, schedule lengths, logging, and the
 # quantization / eval stages (those compile their own functions, if at all, after training).
@@ -43,6 +51,15 @@ _NOT_IN_GRAPH = {"seed", "run_id", "data_path", "tokenizer_path", "train_shards"
                  "passthrough_max_numel", "compressor", "byte_shuffle", "prune_to_fit", "prune_workers", "bytes_limit",
                  "final_eval", "sliding_eval", "allow_illegal"}
 _NOT_IN_GRAPH_PREFIXES = ("eval_", "ttt_", "slot_", "ngram_", "gptq_")
+# What shapes the eval graphs besides the model: the window length and the batch rows of sliding, TTT and
+# SLOT scoring. The optimizer, the schedule and the training loss never reach the scoring forward.
+_EVAL_GRAPH_FIELDS = ("eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "ttt_batch_seqs")
+_EVAL_NOT_IN_GRAPH = {"matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "muon_momentum",
+                      "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_backend_steps",
+                      "muon_nesterov", "muon_row_normalize", "muon_wd", "embed_wd", "adam_wd", "beta1", "beta2",
+                      "adam_eps", "grad_clip_norm", "grad_clip_mode", "ema_decay", "ce_backend", "enable_looping_at",
+                      "loader", "train_batch_tokens", "grad_accum_steps", "warmdown_frac", "warmdown_iters",
+                      "min_lr"}
 
 
 @dataclass(frozen=True)
@@ -84,15 +101,27 @@ def _device_name(device: Any) -> str:
     return dev.type
 
 
-def cache_key(cfg: Hyperparameters, device: Any, world_size: int) -> str:
+def _check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise ValueError(f"compile cache purpose {purpose!r} must be one of {PURPOSES}")
+
+
+def cache_key(cfg: Hyperparameters, device: Any, world_size: int, purpose: str = "train") -> str:
+    """Which file holds the artifacts. train: every config field that can reach the training graphs; eval: the
+    model's fields and the eval shapes (the eval forward has no collectives, so not the world size)."""
     import torch
 
     from golfnb.provenance import code_hash
 
-    fields = {k: v for k, v in cfg.to_dict().items()
-              if k not in _NOT_IN_GRAPH and not k.startswith(_NOT_IN_GRAPH_PREFIXES)}
+    _check_purpose(purpose)
+    cfg_dict = cfg.to_dict()
+    fields = {k: v for k, v in cfg_dict.items() if k not in _NOT_IN_GRAPH and not k.startswith(_NOT_IN_GRAPH_PREFIXES)}
+    if purpose == "eval":
+        fields = {k: v for k, v in fields.items() if k not in _EVAL_NOT_IN_GRAPH and k != "compile_mode"}
+        fields.update({k: cfg_dict[k] for k in _EVAL_GRAPH_FIELDS if k in cfg_dict})
+        world_size = 1
     ident = json.dumps({"torch": torch.__version__, "device": _device_name(device), "world_size": world_size,
-                        "code": code_hash(), "cfg": fields}, sort_keys=True, default=str)
+                        "code": code_hash(), "cfg": fields, "purpose": purpose}, sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -101,20 +130,23 @@ def _count(info: Any) -> int:
     return sum(len(v) for v in arts.values())
 
 
-def _locations(key: str, run_dir: str | Path | None) -> list[Path]:
+def _locations(key: str, run_dir: str | Path | None, purpose: str = "train") -> list[Path]:
     """The run's own file first (it travels with the run), then the machine's shared one."""
-    out = [] if run_dir is None else [Path(run_dir) / RUN_CACHE_RELPATH]
+    rel, name = (RUN_CACHE_RELPATH, f"{key}.bin") if purpose == "train" else (RUN_EVAL_CACHE_RELPATH,
+                                                                               f"eval-{key}.bin")
+    out = [] if run_dir is None else [Path(run_dir) / rel]
     root = cache_root()
-    return out + ([] if root is None else [root / f"{key}.bin"])
+    return out + ([] if root is None else [root / name])
 
 
-def load(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path | None = None) -> CacheState:
+def load(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path | None = None,
+         purpose: str = "train") -> CacheState:
     """Feed the persisted artifacts (the run's own first, then the shared ones) to PyTorch; call before the
     first compiled call. A missing, unreadable or incompatible file means a cold start, never an error."""
     import torch
 
-    key = cache_key(cfg, device, world_size)
-    for path in _locations(key, run_dir):
+    key = cache_key(cfg, device, world_size, purpose)
+    for path in _locations(key, run_dir, purpose):
         if not path.is_file():
             continue
         try:
@@ -128,15 +160,16 @@ def load(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path
 
 
 def save(cfg: Hyperparameters, device: Any, world_size: int, run_dir: str | Path | None = None,
-         state: CacheState | None = None) -> list[Path]:
+         state: CacheState | None = None, purpose: str = "train") -> list[Path]:
     """Persist the compiled artifacts (call on one rank, after the warm-up); returns the files written.
 
     Cold start (`state` None or cold): every artifact compiled so far in this process is written to the run's
     file and the shared one. Warm start: the file that was loaded is complete for this key, so it is only
-    copied to whichever of the two places lacks it (a process that loaded artifacts need not re-record them)."""
+    copied to whichever of the two places lacks it (a process that loaded artifacts need not re-record them).
+    PyTorch records cache hits too, so a fresh save (`state` None) after a warm start is complete as well."""
     import torch
 
-    targets = _locations(cache_key(cfg, device, world_size), run_dir)
+    targets = _locations(cache_key(cfg, device, world_size, purpose), run_dir, purpose)
     if state is not None and state.warm and state.source is not None:
         blob = state.source.read_bytes()
         targets = [t for t in targets if not t.is_file()]

@@ -82,7 +82,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
     """
     from golfnb.bpb import build_byte_luts
     from golfnb.data.loaders import load_validation_tokens
-    from golfnb.evals.common import scoring_forward
+    from golfnb.evals.common import persist_scoring_forward, scoring_forward
     from golfnb.evals.runner import method_key, run_method
     from golfnb.legality import legality_verdict
     from golfnb.pipeline import load_quantized
@@ -120,7 +120,9 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         return results
     val = load_validation_tokens(cfg)
     luts = build_byte_luts(cfg.tokenizer_path, cfg.vocab_size, device=dev)
-    hidden_fn = scoring_forward(model, cfg)  # compiled once, shared by the methods
+    hidden_fn = scoring_forward(model, cfg, run_dir)  # compiled once, shared by the methods
+    if hidden_fn is not None and log is not None:
+        log(hidden_fn.cache.describe().replace("compile_cache:", "eval_compile_cache:", 1))
     for m in todo:
         verdict = legality_verdict(m, cfg)
         if not verdict.legal and not cfg.allow_illegal:
@@ -132,6 +134,8 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
         res["source"] = source
         res["device"] = device_name(dev)  # a notebook may render this result on another machine
         res["compiled_forward"] = hidden_fn is not None and not m.startswith("plain")
+        if res["compiled_forward"]:
+            res["eval_compile_cache"] = "warm" if hidden_fn.cache.warm else "cold"
         res["overrides"] = asked
         res["leaderboard_legal"] = verdict.legal
         res["legality"] = verdict.as_dict()
@@ -143,6 +147,7 @@ def evaluate_run(run_dir: str | Path, *, methods: Sequence[str] | None = None, d
                 f"seconds:{res.get('seconds', 0):.1f}{tag}")
         record_many(run_dir, eval_metrics(res))
         results[m] = res
+        persist_scoring_forward(hidden_fn, log)  # after each method, off its clock: a later failure keeps it
     return results
 
 

@@ -277,7 +277,7 @@ def run_submission(cfg: Hyperparameters, code_path: str | Path, run_dir: str | P
                                      f"exceeds bytes_limit {cfg.bytes_limit} by {total - cfg.bytes_limit}")
         model = model_from_artifact(q, cfg, device)
         model.set_attn_backend(resolve_backend(cfg.attn_backend, device))
-        results = run_evals(model, tr.val_tokens, cfg, tr.luts, dist, log)
+        results = run_evals(model, tr.val_tokens, cfg, tr.luts, dist, log, run_dir=run_dir)
         finals = _final_results(results, cfg)
         for method, r in finals:
             log.log(f"final_{method}_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}")

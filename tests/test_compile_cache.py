@@ -82,3 +82,62 @@ def test_second_run_starts_warm_from_the_persisted_artifacts(tmp_path, shared_da
     assert warm["warmup_s"] < cold["warmup_s"], (warm, cold)
     log = (tmp_path / "run2" / "train.log").read_text()
     assert "compile_cache:warm" in log and "compile cache warm" in log
+
+
+def test_eval_key_follows_the_eval_shapes_not_the_optimizer_or_the_world_size():
+    base = preset("smoke")
+    k = compile_cache.cache_key(base, "cpu", 1, purpose="eval")
+    assert k != compile_cache.cache_key(base, "cpu", 1)  # never the training file
+    same = base.replace(matrix_lr=0.5, muon_momentum=0.9, ema_decay=0.0, eval_stride=8, ttt_lr=0.5, seed=3,
+                        ce_backend="torch", train_batch_tokens=base.train_batch_tokens * 2)
+    assert compile_cache.cache_key(same, "cpu", 1, purpose="eval") == k
+    assert compile_cache.cache_key(base, "cpu", 8, purpose="eval") == k  # no collectives in the scoring forward
+    for other in (dict(eval_seq_len=base.eval_seq_len * 2), dict(eval_batch_seqs=base.eval_batch_seqs + 1),
+                  dict(ttt_batch_seqs=base.ttt_batch_seqs + 1), dict(model_dim=base.model_dim * 2),
+                  dict(train_seq_len=base.train_seq_len * 2)):  # the NTK rotary tables depend on it
+        assert compile_cache.cache_key(base.replace(**other), "cpu", 1, purpose="eval") != k, other
+    try:
+        compile_cache.cache_key(base, "cpu", 1, purpose="quantize")
+    except ValueError as e:
+        assert "purpose" in str(e)
+    else:
+        raise AssertionError("an unknown purpose must be rejected")
+
+
+_EVAL = """
+import json, sys, time
+import numpy as np, torch
+from golfnb.bpb import build_byte_luts
+from golfnb.config import preset
+from golfnb.data.shards import open_shard
+from golfnb.evals.runner import run_method
+from golfnb.legality import make_check_model
+cfg = preset("smoke", eval_compile="on", eval_seq_len=64, eval_stride=32, eval_batch_seqs=4, eval_budget_seconds=0.0)
+stream = torch.from_numpy(np.asarray(open_shard(sys.argv[1])[:513]).astype(np.int64))
+luts = build_byte_luts(sys.argv[2], 1024)
+t0 = time.perf_counter()
+res = run_method("sliding", make_check_model(cfg, seed=0), stream, cfg, luts, log=print)
+print("SUMMARY " + json.dumps({"val_bpb": res["val_bpb"], "seconds": time.perf_counter() - t0}))
+"""
+
+
+def _eval(inductor_dir: Path, cache_dir: Path, val: Path, tok: Path) -> tuple[dict, str]:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), GOLFNB_CACHE_DIR=str(cache_dir),
+               PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _EVAL, str(val), str(tok)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SUMMARY "))
+    return json.loads(line[len("SUMMARY "):]), out.stdout
+
+
+def test_second_eval_starts_warm_from_the_persisted_eval_artifacts(tmp_path, val_prefix_sp1024, sp1024_model):
+    cache = tmp_path / "cache"
+    cold, log_cold = _eval(tmp_path / "inductor1", cache, val_prefix_sp1024, sp1024_model)
+    files = list((cache / "compile").glob("eval-*.bin"))
+    assert len(files) == 1 and "eval_compile_cache:saved" in log_cold
+    warm, log_warm = _eval(tmp_path / "inductor2", cache, val_prefix_sp1024, sp1024_model)
+    assert warm["val_bpb"] == cold["val_bpb"]  # same computation
+    assert warm["seconds"] < cold["seconds"], (warm, cold)
+    assert "eval_compile_cache:cold" in log_cold and "eval_compile_cache:warm" in log_warm, log_warm
+    print(f"sliding eval, smoke model, compiled forward: cold {cold['seconds']:.1f} s, warm {warm['seconds']:.1f} s")

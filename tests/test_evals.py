@@ -338,8 +338,10 @@ def test_eval_compile_policy(model, cfg):
     assert scoring_forward(model, cfg.replace(eval_compile="on")) is not None
 
 
-def test_compiled_scoring_forward_matches_eager_and_sees_ttt_updates(stream, cfg, luts):
+def test_compiled_scoring_forward_matches_eager_and_sees_ttt_updates(stream, cfg, luts, tmp_path, monkeypatch):
     from golfnb.evals.runner import run_method
+
+    monkeypatch.setenv("GOLFNB_CACHE_DIR", str(tmp_path))  # the persisted eval compile cache lands here
 
     # TTT: the compiled forward must read the weights as TTT changes them in place (a graph that froze them
     # as constants would score every chunk with the initial weights and give another number)

@@ -40,6 +40,8 @@ from golfnb.config import ConfigError, Hyperparameters
 
 __all__ = [
     "scoring_forward",
+    "ScoringForward",
+    "persist_scoring_forward",
     "EvalBudgetExceeded",
     "IllegalMethodError",
     "EvalObserver",
@@ -208,13 +210,60 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def scoring_forward(model: torch.nn.Module, cfg: Hyperparameters) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The compiled `model.hidden` the eval passes score with (cfg.eval_compile), or None for eager.
+class ScoringForward:
+    """`model.hidden` under torch.compile, warm-started from golfnb's persisted eval compile cache.
 
     Static shapes: a pass sees a few batch shapes (full batches, the last partial one, TTT's chunk rows),
-    each compiled once; the weights stay inputs of the graph, so TTT's in-place updates are seen."""
+    each compiled once; the weights stay inputs of the graph, so TTT's in-place updates are seen.
+    `persist()` (call it after the passes, off the eval clock) writes the compiled artifacts for the next
+    eval of this stack (golfnb.compile_cache, purpose "eval"); it only writes when a shape was compiled
+    since the last write."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Hyperparameters, run_dir: Any = None):
+        from golfnb import compile_cache
+
+        self.cfg, self.run_dir, self.device = cfg, run_dir, model_device(model)
+        # before the first compiled call, so that compilation of a known graph becomes cache hits
+        self.cache = compile_cache.load(cfg, self.device, 1, run_dir, purpose="eval")
+        self._fn = torch.compile(model.hidden, dynamic=False)
+        self._shapes: set[tuple[int, ...]] = set()
+        self._persisted: set[tuple[int, ...]] = set()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._shapes.add(tuple(x.shape))
+        return self._fn(x)
+
+    @property
+    def shapes(self) -> set[tuple[int, ...]]:
+        return set(self._shapes)
+
+    def persist(self) -> list[Any]:
+        """Write the artifacts (the run's cache/compile_eval.bin and the shared file); [] when nothing new."""
+        from golfnb import compile_cache
+
+        if self._shapes <= self._persisted:
+            return []
+        written = compile_cache.save(self.cfg, self.device, 1, self.run_dir, purpose="eval")
+        self._persisted = set(self._shapes)
+        return written
+
+
+def scoring_forward(model: torch.nn.Module, cfg: Hyperparameters, run_dir: Any = None) -> ScoringForward | None:
+    """The compiled `model.hidden` the eval passes score with (cfg.eval_compile), or None for eager.
+
+    `run_dir` adds the run's own eval compile cache (cache/compile_eval.bin) to the machine's shared one."""
     on = cfg.eval_compile == "on" or (cfg.eval_compile == "auto" and model_device(model).type == "cuda")
-    return torch.compile(model.hidden, dynamic=False) if on else None
+    return ScoringForward(model, cfg, run_dir) if on else None
+
+
+def persist_scoring_forward(hidden_fn: Any, log: Any = None) -> None:
+    """Persist a ScoringForward's compiled artifacts (anything else: nothing to do); logs what was written."""
+    if not isinstance(hidden_fn, ScoringForward):
+        return
+    written = hidden_fn.persist()
+    if written:
+        emit(log, f"eval_compile_cache:saved files:{len(written)} bytes:{written[0].stat().st_size} "
+                  f"shapes:{sorted(hidden_fn.shapes)}")
 
 
 def emit(log: Any, msg: str, ranks: RankInfo | None = None) -> None:

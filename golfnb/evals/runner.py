@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 
 from golfnb.config import ConfigError, Hyperparameters
-from golfnb.evals.common import (EvalBudgetExceeded, IllegalMethodError, emit, rank_info, resolve_budget,
-                                 scoring_forward)
+from golfnb.evals.common import (EvalBudgetExceeded, IllegalMethodError, emit, persist_scoring_forward, rank_info,
+                                 resolve_budget, scoring_forward)
 
 __all__ = ["run_evals", "run_method", "method_key", "METHOD_BASES"]
 
@@ -56,8 +56,28 @@ def run_method(method: str, model: torch.nn.Module, tokens: Any, cfg: Hyperparam
     from golfnb.evals.ttt import evaluate_ttt
 
     base, plus, mod = method.partition("+")
+    own_fn = None
     if kwargs.get("hidden_fn") is None and base != "plain":
-        kwargs["hidden_fn"] = scoring_forward(model, cfg)
+        kwargs["hidden_fn"] = own_fn = scoring_forward(model, cfg)
+        if own_fn is not None:
+            emit(kwargs.get("log"), own_fn.cache.describe().replace("compile_cache:", "eval_compile_cache:", 1),
+                 rank_info(dist))
+    try:
+        return _dispatch(method, base, plus, mod, model, tokens, cfg, luts, dist, kwargs)
+    finally:
+        # a forward this call compiled for itself is persisted here, after the pass and off its clock
+        if own_fn is not None and rank_info(dist).rank == 0:
+            persist_scoring_forward(own_fn, kwargs.get("log"))
+
+
+def _dispatch(method: str, base: str, plus: str, mod: str, model: torch.nn.Module, tokens: Any,
+              cfg: Hyperparameters, luts: Any, dist: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from golfnb.evals.plain import evaluate_plain
+    from golfnb.evals.sliding import evaluate_sliding
+    from golfnb.evals.slot import SLOT_VARIANTS, slot_pass
+    from golfnb.evals.tilt import TILT_BASES, evaluate_tilt
+    from golfnb.evals.ttt import evaluate_ttt
+
     if plus:
         if mod != "tilt" or base not in TILT_BASES:
             raise ConfigError(f"method {method!r}: only '<{'|'.join(TILT_BASES)}>+tilt' combine")
@@ -79,7 +99,7 @@ def run_method(method: str, model: torch.nn.Module, tokens: Any, cfg: Hyperparam
 def run_evals(model: torch.nn.Module, val_tokens: Any, cfg: Hyperparameters, luts: Any, dist: Any = None,
               log: Any = None, *, budget_seconds: float | None = None, continue_over_budget: bool = False,
               hidden_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              check_legality: bool = True) -> dict[str, dict[str, Any]]:
+              check_legality: bool = True, run_dir: Any = None) -> dict[str, dict[str, Any]]:
     """Every pass of cfg.eval_methods(), in order; returns {pass name: result}.
 
     * Legality first, off the eval clock: each pass's method gets golfnb.legality's measured verdict
@@ -117,8 +137,11 @@ def run_evals(model: torch.nn.Module, val_tokens: Any, cfg: Hyperparameters, lut
     legality_s = time.perf_counter() - t_leg
 
     budget = resolve_budget(cfg, budget_seconds)
+    own_fn = None
     if hidden_fn is None:  # one compiled forward for all passes (each pass would otherwise trace it again)
-        hidden_fn = scoring_forward(model, cfg)
+        hidden_fn = own_fn = scoring_forward(model, cfg, run_dir)
+        if own_fn is not None:
+            emit(log, own_fn.cache.describe().replace("compile_cache:", "eval_compile_cache:", 1), ranks)
     had_loop = getattr(model, "looping_active", None)
     if had_loop is not None:
         model.looping_active = cfg.num_loops > 0
@@ -151,6 +174,8 @@ def run_evals(model: torch.nn.Module, val_tokens: Any, cfg: Hyperparameters, lut
         if had_loop is not None:
             model.looping_active = had_loop
     total = time.perf_counter() - t0
+    if own_fn is not None and ranks.rank == 0:  # off the eval clock: `total` is already taken
+        persist_scoring_forward(own_fn, log)
     illegal = [p for p, r in results.items() if r["leaderboard_legal"] is False]
     if illegal and log is None and ranks.rank == 0:
         warnings.warn(f"eval passes {', '.join(illegal)} ran with allow_illegal: their numbers are NOT "
