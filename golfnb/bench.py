@@ -62,6 +62,7 @@ def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
 def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None) -> dict[str, Any]:
     from golfnb.attention import available_backends, resolve_backend
     from golfnb.fused_ce import resolve_ce_backend
+    from golfnb.fused_mlp import resolve_mlp_backend
     from golfnb.distributed import init_distributed
     from golfnb.model import build_model, count_parameters, flops_per_token
     from golfnb.optim import EMA, build_optimizers
@@ -89,6 +90,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     backend = resolve_backend(cfg.attn_backend, device)
     model.set_attn_backend(backend)
     model.set_ce_backend(resolve_ce_backend(cfg.ce_backend, device))
+    model.set_mlp_backend(resolve_mlp_backend(cfg.mlp_backend, device, cfg.mlp_activation))
     fwd = model if cfg.compile_mode == "none" else torch.compile(
         model, dynamic=False, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
     bundle = build_optimizers(model, cfg, dist)
@@ -103,6 +105,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     peak = _peak_flops(device)
     result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": device_name(device),
                               "world_size": dist.world_size, "attn_backend": backend, "ce_backend": model.ce_backend,
+                              "mlp_backend": model.mlp_backend,
                               # what else could run here: says whether fa3/fa2 were installed at all
                               "attn_backends_available": available_backends(device), "data": source,
                               "params": count_parameters(model), "startup_s": round(startup_s, 1),

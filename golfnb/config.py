@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel_residual": ("none", "two_lane", "gptj", "routed"),
     "attn_backend": ("auto", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math"),
     "ce_backend": ("auto", "triton", "torch"),
+    "mlp_backend": ("auto", "triton", "torch"),
     "grad_clip_mode": ("global", "per_rank"),
     "compressor": ("brotli", "lzma", "zstd"),
     "ttt_optimizer": ("sgd", "muon"),
@@ -127,6 +128,7 @@ class Hyperparameters:
     ve_layers: tuple = ()  # layers that add the value embedding, e.g. (9, 10)
     attn_backend: str = "auto"
     ce_backend: str = "auto"  # training loss: triton = fused soft-capped CE (golfnb.fused_ce); auto = triton on CUDA
+    mlp_backend: str = "auto"  # training MLP: triton = activation in its GEMMs (golfnb.fused_mlp); auto = on CUDA
 
     # ---------------------------------------------------------------- optimizer
     matrix_lr: float = 0.02

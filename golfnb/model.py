@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from golfnb.attention import attention
 from golfnb.config import ConfigError, Hyperparameters
 from golfnb.fused_ce import head_softcap_ce
+from golfnb.fused_mlp import fused_mlp
 
 __all__ = ["GPT", "build_model", "count_parameters", "MATRIX_SUFFIXES", "apply_rotary", "xsa_project"]
 
@@ -183,11 +184,17 @@ class MLP(nn.Module):
         super().__init__()
         self.leaky = cfg.mlp_activation == "leaky_relu2"
         self.slope = cfg.leaky_relu_slope
+        self.fused = False  # GPT.set_mlp_backend("triton")
         if not banked:
             self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
             self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim)
 
     def forward(self, x: torch.Tensor, w: LayerWeights | None) -> torch.Tensor:
+        if self.fused and torch.is_grad_enabled():
+            # activation inside the GEMMs (golfnb.fused_mlp); without autograd (evals, GPTQ's input hooks on
+            # fc and proj) the plain path below runs
+            up, down = (self.fc.weight, self.proj.weight) if w is None else (w.up, w.down)
+            return fused_mlp(x, up.to(x.dtype), down.to(x.dtype), self.slope if self.leaky else 0.0)
         u = self.fc(x) if w is None else F.linear(x, w.up.to(x.dtype))
         u = F.leaky_relu(u, self.slope) if self.leaky else F.relu(u)
         u = u.square()
@@ -289,6 +296,7 @@ class GPT(nn.Module):
         self.looping_active = False
         self.attn_backend = "sdpa"
         self.ce_backend = "torch"
+        self.mlp_backend = "torch"
         self.par_mode = cfg.parallel_residual
         self.par_start = cfg.parallel_start_layer
         self._check_parallel_layout()
@@ -380,6 +388,14 @@ class GPT(nn.Module):
         if backend not in ("torch", "triton"):
             raise ValueError(f"ce_backend {backend!r}: resolve it with golfnb.fused_ce.resolve_ce_backend first")
         self.ce_backend = backend
+
+    def set_mlp_backend(self, backend: str) -> None:
+        """`torch` or `triton` (golfnb.fused_mlp.resolve_mlp_backend turns a config value into one of these)."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"mlp_backend {backend!r}: resolve it with golfnb.fused_mlp.resolve_mlp_backend first")
+        self.mlp_backend = backend
+        for b in self.blocks:
+            b.mlp.fused = backend == "triton"
 
     def param_roles(self) -> dict[str, str]:
         """Optimizer role of every parameter: matrix (Muon), embed, head, or scalar (AdamW groups)."""

@@ -72,8 +72,8 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 # validates and checkpoints, how the same maths is compiled, and how many threads compress. Anything else is
 # another run.
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
-                              "val_loss_every", "compile_mode", "attn_backend", "ce_backend", "eval_compile",
-                              "prune_workers"})
+                              "val_loss_every", "compile_mode", "attn_backend", "ce_backend", "mlp_backend",
+                              "eval_compile", "prune_workers"})
 
 
 class TrainingError(RuntimeError):
@@ -382,6 +382,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
     """
     from golfnb.attention import resolve_backend
     from golfnb.fused_ce import resolve_ce_backend
+    from golfnb.fused_mlp import resolve_mlp_backend
     from golfnb.bpb import build_byte_luts, check_tokenizer
     from golfnb.data.loaders import load_validation_tokens, make_train_loader
     from golfnb.distributed import init_distributed
@@ -424,6 +425,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
     backend = resolve_backend(cfg.attn_backend, device)
     model.set_attn_backend(backend)
     model.set_ce_backend(resolve_ce_backend(cfg.ce_backend, device))
+    model.set_mlp_backend(resolve_mlp_backend(cfg.mlp_backend, device, cfg.mlp_activation))
     forward: Callable[..., torch.Tensor] = model
     cache_state = None
     if cfg.compile_mode != "none":
@@ -452,12 +454,13 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
             "environment": environment_info(device, backend),
             "run": {"run_dir": str(run_dir), "world_size": dist.world_size, "grad_accum_steps": grad_accum,
                     "micro_batch_seqs": micro, "device": str(device), "attn_backend": backend,
-                    "ce_backend": model.ce_backend,
+                    "ce_backend": model.ce_backend, "mlp_backend": model.mlp_backend,
                     "model_params": n_params, "compile_mode": cfg.compile_mode, "resume": resume},
             "config": cfg.to_dict(),
             "data": data_summary(cfg.data_path, cfg.tokenizer_path) | {"val_tokens": int(val_tokens.numel()) - 1},
         })
         log.log(f"model_params:{n_params} attn_backend:{backend} ce_backend:{model.ce_backend} "
+                f"mlp_backend:{model.mlp_backend} "
                 f"world_size:{dist.world_size} "
                 f"grad_accum_steps:{grad_accum} micro_batch_seqs:{micro}")
         if cache_state is not None:

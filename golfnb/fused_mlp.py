@@ -1,0 +1,110 @@
+"""The MLP of every record stack, y = W_down leaky_relu(W_up x, s)^2, plain or fused.
+
+Plain path (`mlp_backend=torch`, and always without autograd, so GPTQ's input hooks on the two linears see
+their inputs): two cuBLAS GEMMs and Inductor's element-wise kernels between them. In a pr1514 step those
+element-wise passes cost 40.9 ms of 707.8 on one H200 (forward 16.6, backward 24.4: docs/performance.md,
+profile of 2026-12-04), each at the memory bandwidth.
+
+Fused path (`mlp_backend=triton`): the up GEMM writes h and the activation a in its epilogue, and the backward's
+GEMM dy @ W_down multiplies by the activation's derivative in its epilogue (golfnb._triton_mlp), so the
+activation never takes a pass of its own. The other three GEMMs (down forward, both weight gradients, the
+input gradient) stay on cuBLAS. The kernels are opaque custom ops to torch.compile (`golfnb::mlp_up_act`,
+`golfnb::mlp_down_dact`, with fake implementations for tracing). Built after #1530, which measured about 3 %
+of a step from fusing this activation into its GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from golfnb.fused_ce import triton_available
+
+MLP_BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_mlp_backend(name: str, device: torch.device | str, activation: str = "leaky_relu2") -> str:
+    """`auto` -> `triton` on CUDA when Triton imports, else `torch`; an explicit `triton` must be able to run.
+    relu2 is leaky_relu2 with slope 0, so both activations have the fused path."""
+    dev = torch.device(device)
+    if name not in MLP_BACKENDS:
+        raise ValueError(f"mlp_backend {name!r} is unknown; use one of {', '.join(MLP_BACKENDS)}")
+    if activation not in ("leaky_relu2", "relu2"):
+        raise ValueError(f"no fused MLP for activation {activation!r}; set mlp_backend=torch")
+    if name == "auto":
+        return "triton" if dev.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if dev.type != "cuda":
+            raise ValueError(f"mlp_backend=triton needs a CUDA device, not {dev}; set mlp_backend=auto or torch")
+        if not triton_available():
+            raise ValueError("mlp_backend=triton needs the triton package (it comes with PyTorch's CUDA wheels on "
+                             "Linux); install it or set mlp_backend=auto or torch")
+    return name
+
+
+# ----------------------------------------------------------------------------------------- reference
+
+
+def mlp_reference(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
+    """The plain formula (what the model computes with mlp_backend=torch)."""
+    return F.linear(F.leaky_relu(F.linear(x, w_up), slope).square(), w_down)
+
+
+# ----------------------------------------------------------------------------------------- fused ops
+
+
+@torch.library.custom_op("golfnb::mlp_up_act", mutates_args=())
+def _mlp_up_act(x: torch.Tensor, w_up: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from golfnb import _triton_mlp
+
+    return _triton_mlp.up_act(x, w_up, slope)
+
+
+@_mlp_up_act.register_fake
+def _mlp_up_act_fake(x, w_up, slope):
+    return x.new_empty(x.shape[0], w_up.shape[0]), x.new_empty(x.shape[0], w_up.shape[0])
+
+
+@torch.library.custom_op("golfnb::mlp_down_dact", mutates_args=())
+def _mlp_down_dact(dy: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor, slope: float) -> torch.Tensor:
+    from golfnb import _triton_mlp
+
+    return _triton_mlp.down_dact(dy, w_down, h, slope)
+
+
+@_mlp_down_dact.register_fake
+def _mlp_down_dact_fake(dy, w_down, h, slope):
+    return h.new_empty(h.shape)
+
+
+class _FusedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, slope):
+        h, a = _mlp_up_act(x, w_up, slope)
+        y = a @ w_down.t()
+        ctx.save_for_backward(x, w_up, w_down, h, a)
+        ctx.slope = slope
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_up, w_down, h, a = ctx.saved_tensors
+        dy = dy.contiguous()
+        dh = _mlp_down_dact(dy, w_down, h, ctx.slope)
+        grad_x = dh @ w_up if ctx.needs_input_grad[0] else None
+        grad_up = dh.t() @ x if ctx.needs_input_grad[1] else None
+        grad_down = dy.t() @ a if ctx.needs_input_grad[2] else None
+        return grad_x, grad_up, grad_down, None
+
+
+def fused_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
+    """leaky_relu(x W_up^T, slope)^2 W_down^T for x [..., d], w_up [hidden, d], w_down [d, hidden] (one dtype),
+    differentiable in all three."""
+    if w_up.dim() != 2 or w_down.dim() != 2 or x.shape[-1] != w_up.shape[1] or w_down.shape != w_up.shape[::-1]:
+        raise ValueError(f"fused_mlp wants x [..., d], w_up [hidden, d], w_down [d, hidden]; got {tuple(x.shape)}, "
+                         f"{tuple(w_up.shape)}, {tuple(w_down.shape)}")
+    if not (x.dtype == w_up.dtype == w_down.dtype):
+        raise ValueError(f"x, w_up and w_down must share a dtype (got {x.dtype}, {w_up.dtype}, {w_down.dtype}); "
+                         f"cast the weights first")
+    lead = x.shape[:-1]
+    y = _FusedMLP.apply(x.reshape(-1, x.shape[-1]), w_up, w_down, float(slope))
+    return y.view(*lead, y.shape[-1])

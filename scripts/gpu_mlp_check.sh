@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The fused LeakyReLU^2 MLP on ONE GPU, both arms on the same machine (ratios only count that way):
+#   sweep  pr1514's MLP at one micro-step ([98,304 x 512] in, hidden 2,048), forward + backward, plain (cuBLAS +
+#          Inductor's element-wise kernels, compiled) against fused, per tile of the Triton GEMM; then the kernels
+#          alone against the cuBLAS GEMM they replace. The best tile goes to the bench (GOLFNB_MLP_TILE).
+#   test   tests/test_fused_mlp.py and tests/test_fused_ce.py on CUDA (compiled kernels, pr1514 shapes)
+#   bench  the training benchmark (both phases) with mlp_backend=torch, then =triton, synthetic tokens
+#   OUT=/tmp/out STAGES=sweep,test,bench scripts/gpu_mlp_check.sh
+set -u
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+STAGES=${STAGES:-sweep,test,bench}
+PRESET=${PRESET:-pr1514}
+STEPS=${STEPS:-8}
+export PYTHONUNBUFFERED=1
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+t0=$(date +%s); stamp() { echo "[t+$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/timeline.txt"; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/gpu.txt" 2>&1
+stamp "start"
+if has sweep; then
+  python3 - > "$OUT/mlp_sweep.log" 2>&1 <<'PY'
+import torch, torch.nn.functional as F
+from golfnb import _triton_mlp
+from golfnb.fused_mlp import fused_mlp, mlp_reference
+M, d, H = 98304, 512, 2048
+g = torch.Generator(device="cuda").manual_seed(0)
+x0 = torch.randn(M, d, device="cuda", generator=g).bfloat16()
+u = (torch.randn(H, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
+w = (torch.randn(d, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+dy = torch.randn(M, d, device="cuda", generator=g).bfloat16()
+
+def timed(fn, reps=20):
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ms = []
+    for i in range(reps + 3):
+        ev[0].record(); fn(); ev[1].record(); torch.cuda.synchronize()
+        if i >= 3:
+            ms.append(ev[0].elapsed_time(ev[1]))
+    ms.sort(); return ms[len(ms) // 2]
+
+def fwd_bwd(f):
+    x = x0.clone().requires_grad_(); uu = u.clone().requires_grad_(); ww = w.clone().requires_grad_()
+    def run():
+        y = f(x, uu, ww, 0.5); y.backward(dy)
+    return run
+
+plain = torch.compile(mlp_reference, dynamic=False)
+base = timed(fwd_bwd(plain))
+print(f"mlp fwd+bwd plain(compiled) ms:{base:.3f}")
+print(f"gemm cuBLAS x@Wup^T ms:{timed(lambda: F.linear(x0, u)):.3f}  dy@Wdown ms:{timed(lambda: dy @ w):.3f}")
+h_ref = F.linear(x0, u)
+best = None
+for tile in [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4),
+             (256, 128, 64, 8, 8, 3), (128, 256, 32, 8, 8, 4), (64, 256, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3)]:
+    t = dict(zip(_triton_mlp.TILE_KEYS, tile))
+    try:
+        up = timed(lambda: _triton_mlp.up_act(x0, u, 0.5, t))
+        h, a = _triton_mlp.up_act(x0, u, 0.5, t)
+        dn = timed(lambda: _triton_mlp.down_dact(dy, w, h, 0.5, t))
+        ok = torch.equal(a, F.leaky_relu(h, 0.5).square()) and (h.float() - h_ref.float()).abs().max().item() < 0.05
+        _triton_mlp.DEFAULT_TILE.update(t)
+        full = timed(fwd_bwd(fused_mlp))
+    except Exception as e:  # a tile that does not fit in shared memory
+        print(f"tile {tile} failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+    print(f"tile {','.join(map(str, tile))} up_act ms:{up:.3f} down_dact ms:{dn:.3f} mlp fwd+bwd fused ms:{full:.3f} "
+          f"speedup:{base / full:.3f} ok:{ok}")
+    if ok and (best is None or full < best[0]):
+        best = (full, tile)
+print("BEST " + ",".join(map(str, best[1])) if best else "BEST none")
+PY
+  stamp "mlp sweep (rc=$?)"
+  BEST=$(sed -n 's/^BEST \([0-9,]*\)$/\1/p' "$OUT/mlp_sweep.log")
+  [ -n "$BEST" ] && export GOLFNB_MLP_TILE=$BEST
+  echo "tile for the rest: ${GOLFNB_MLP_TILE:-default}" | tee -a "$OUT/timeline.txt"
+fi
+if has test; then
+  python3 -m pytest tests/test_fused_mlp.py tests/test_fused_ce.py -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  stamp "tests (rc=$?)"
+fi
+if has bench; then
+  for arm in torch triton; do
+    python3 -m golfnb.bench --preset "$PRESET" --steps "$STEPS" --data synthetic --set mlp_backend=$arm \
+      --json "$OUT/bench_mlp_$arm.json" > "$OUT/bench_mlp_$arm.log" 2>&1
+    stamp "bench mlp_backend=$arm (rc=$?)"
+  done
+fi

@@ -1,0 +1,282 @@
+"""The fused LeakyReLU^2 MLP (golfnb.fused_mlp + golfnb._triton_mlp) against the plain formula.
+
+Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by
+conftest.py), so CI checks the kernel source that runs on the H100. Two interpreter quirks shape the CPU
+tolerances: bf16 operands are handed to its dot product as fp32 copies (it multiplies bf16 bit patterns
+otherwise), and its fp32 -> bf16 conversion truncates where the GPU rounds to nearest, so a bf16 output may
+sit one bf16 step below the GPU's. The GPU test at pr1514's shapes checks exact agreement of the activation.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from golfnb import fused_mlp
+from golfnb.config import ConfigError, preset
+from golfnb.model import build_model
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+SMALL = dict(block_m=32, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)  # interpreter-sized tiles
+BF16_STEP = 2.0 ** -7  # relative spacing of bf16 numbers: one step of truncation
+
+
+@pytest.fixture
+def kernel():
+    """golfnb._triton_mlp: compiled for the GPU, or in Triton's interpreter on CPU (set up in conftest.py)."""
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 without a GPU"
+    return importlib.import_module("golfnb._triton_mlp")
+
+
+def _operands(M, d, H, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, d, generator=g).to(DEV, dtype)
+    w_up = (torch.randn(H, d, generator=g) / d ** 0.5).to(DEV, dtype)
+    w_down = (torch.randn(d, H, generator=g) / H ** 0.5).to(DEV, dtype)
+    dy = torch.randn(M, d, generator=g).to(DEV, dtype)
+    return x, w_up, w_down, dy
+
+
+def _close_bf16(got: torch.Tensor, want: torch.Tensor, steps: float = 1.0, atol: float = 1e-6) -> None:
+    """Within `steps` bf16 steps of `want` (relative), elementwise."""
+    err = (got.float() - want.float()).abs()
+    bound = steps * BF16_STEP * want.float().abs() + atol
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"largest excess over {steps} bf16 step(s): {worst:.3g} (max err {err.max().item():.3g})"
+
+
+@pytest.mark.parametrize("M,d,H,tile", [(64, 64, 128, SMALL),  # tiles divide every dimension: unmasked path
+                                        (96, 48, 160, SMALL),  # ragged N and K: masked path
+                                        (50, 40, 72, None)])  # the H100 tile on a shape smaller than one tile
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+def test_up_act_writes_the_gemm_and_its_activation(kernel, M, d, H, tile, slope):
+    x, w_up, _, _ = _operands(M, d, H, seed=M + H)
+    h, a = kernel.up_act(x, w_up, slope, tile)
+    assert h.shape == a.shape == (M, H) and h.dtype == a.dtype == torch.bfloat16
+    exact = x.float() @ w_up.float().t()
+    _close_bf16(h, exact)  # the fp32 accumulator, rounded (truncated in the interpreter) once
+    # the activation is computed from the bf16 h, as the plain path computes it from its bf16 GEMM output
+    want = F.leaky_relu(h.float(), slope).square().to(torch.bfloat16)
+    if CUDA:
+        assert torch.equal(a, want)
+    else:
+        _close_bf16(a, want)
+    if slope == 0.0:
+        assert torch.equal(a[h <= 0], torch.zeros_like(a[h <= 0]))
+
+
+@pytest.mark.parametrize("M,d,H,tile", [(64, 64, 128, SMALL), (96, 48, 160, SMALL)])
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+def test_down_dact_multiplies_by_the_activation_derivative(kernel, M, d, H, tile, slope):
+    x, w_up, w_down, dy = _operands(M, d, H, seed=7 + M)
+    h = (x.float() @ w_up.float().t()).to(torch.bfloat16)
+    dh = kernel.down_dact(dy, w_down, h, slope, tile)
+    hf = h.float()
+    want = (dy.float() @ w_down.float()) * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)
+    assert dh.dtype == torch.bfloat16 and dh.shape == h.shape
+    _close_bf16(dh, want, atol=1e-5)
+    # a non-contiguous h (a transposed copy's view) is read correctly
+    dh2 = kernel.down_dact(dy, w_down, h.t().contiguous().t(), slope, tile)
+    assert torch.equal(dh2, dh)
+
+
+def test_fp32_operands_match_the_formula_tightly(kernel):
+    """In fp32 (no output rounding) the kernel is the formula to accumulation order, for both epilogues."""
+    if CUDA:
+        pytest.skip("on the GPU fp32 dot products run in TF32; the bf16 tests cover the GPU")
+    x, w_up, w_down, dy = _operands(64, 64, 128, seed=3, dtype=torch.float32)
+    h, a = kernel.up_act(x, w_up, 0.5, SMALL)
+    torch.testing.assert_close(h, x @ w_up.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, F.leaky_relu(h, 0.5).square(), rtol=1e-6, atol=1e-6)
+    dh = kernel.down_dact(dy, w_down, h, 0.5, SMALL)
+    torch.testing.assert_close(dh, (dy @ w_down) * torch.where(h > 0, 2 * h, 0.5 * h), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_output_and_gradients_match_autograd_of_the_plain_path(kernel, dtype):
+    if CUDA and dtype == torch.float32:
+        pytest.skip("on the GPU fp32 dot products run in TF32")
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(3, 40, 48, generator=g).to(DEV, dtype)  # [B, T, d]: the wrapper flattens the rows
+    u0 = (torch.randn(160, 48, generator=g) / 7).to(DEV, dtype)
+    d0 = (torch.randn(48, 160, generator=g) / 12).to(DEV, dtype)
+    up = torch.randn(3, 40, 48, generator=g).to(DEV, dtype)  # an arbitrary upstream gradient
+    out = {}
+    for name, f, cast in (("fused", fused_mlp.fused_mlp, dtype), ("plain", fused_mlp.mlp_reference, dtype),
+                          ("exact", fused_mlp.mlp_reference, torch.float64)):
+        x, u, w = (t.to(cast).clone().requires_grad_() for t in (x0, u0, d0))
+        y = f(x, u, w, 0.5)
+        (y.double() * up.double()).sum().backward()
+        out[name] = {"y": y, "x": x.grad, "w_up": u.grad, "w_down": w.grad}
+    for k in out["exact"]:
+        assert out["fused"][k].dtype == dtype and out["fused"][k].shape == out["exact"][k].shape, k
+        if dtype == torch.float32:
+            torch.testing.assert_close(out["fused"][k], out["plain"][k], rtol=1e-4, atol=1e-5, msg=k)
+            continue
+        # bf16: as close to the float64 truth as the plain bf16 path is (the interpreter truncates where the GPU
+        # rounds, which about doubles the error on CPU), relative to the largest entry
+        exact = out["exact"][k]
+        scale = exact.abs().max().item()
+        err = {n: ((out[n][k].double() - exact).abs().max() / scale).item() for n in ("fused", "plain")}
+        assert err["fused"] <= max(3 * err["plain"], 2 ** -6), (k, err)
+
+
+def test_fused_mlp_traces_under_torch_compile(kernel):
+    """The fake implementations and the autograd.Function trace through Dynamo and AOT autograd."""
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(24, 32, generator=g).to(DEV)
+    u0 = (torch.randn(96, 32, generator=g) / 6).to(DEV)
+    d0 = (torch.randn(32, 96, generator=g) / 10).to(DEV)
+
+    def f(x, u, w):
+        return fused_mlp.fused_mlp(torch.tanh(x), u, w, 0.5).square().mean()
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        x, u, w = (t.clone().requires_grad_() for t in (x0, u0, d0))
+        loss = fn(x, u, w)
+        loss.backward()
+        results.append((loss.detach(), x.grad, u.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("banked", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_loss_and_every_gradient_agree_between_backends(kernel, banked, compiled, monkeypatch):
+    cfg = preset("smoke", bank_params=banked)
+    V = cfg.vocab_size
+    calls = {"up_act": 0, "down_dact": 0}
+    for name in calls:  # count the kernel launches: the fused arm must really run them
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _f=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
+                            or _f(*a, **k))
+    losses, grads = [], []
+    for backend in ("torch", "triton"):
+        m = build_model(cfg, DEV)
+        m.set_mlp_backend(backend)
+        with torch.no_grad():  # the MLP's output projection starts at zero: give every weight a value
+            for i, p in enumerate(m.parameters()):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(DEV))
+        if compiled:
+            torch._dynamo.reset()
+        f = torch.compile(m, dynamic=False) if compiled else m
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(0, V, (2, 64), generator=g).to(DEV)
+        tgt = torch.randint(0, V, (2, 64), generator=g).to(DEV)
+        loss = f(ids, tgt)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+    assert calls == {"up_act": cfg.num_layers, "down_dact": cfg.num_layers}, calls
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    assert any("fc" in n or "up" in n for n in grads[1]), list(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=2e-3, atol=2e-5, msg=n)
+
+
+def test_without_autograd_the_plain_path_runs_so_gptq_hooks_see_the_inputs(kernel):
+    cfg = preset("smoke")
+    m = build_model(cfg, DEV)
+    m.set_mlp_backend("triton")
+    seen = []
+    m.blocks[0].mlp.fc.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    ids = torch.randint(0, cfg.vocab_size, (1, 32)).to(DEV)
+    with torch.no_grad():
+        m.forward_logits(ids)
+    assert len(seen) == 1
+    m.forward_logits(ids)  # with autograd: the fused path, which calls no nn.Linear
+    assert len(seen) == 1
+
+
+def test_backend_resolution_and_bad_values():
+    assert fused_mlp.resolve_mlp_backend("auto", "cpu") == "torch"
+    assert fused_mlp.resolve_mlp_backend("torch", "cpu", "relu2") == "torch"
+    with pytest.raises(ValueError, match="needs a CUDA device.*mlp_backend=auto or torch"):
+        fused_mlp.resolve_mlp_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="unknown"):
+        fused_mlp.resolve_mlp_backend("cutlass", "cpu")
+    with pytest.raises(ValueError, match="no fused MLP for activation"):
+        fused_mlp.resolve_mlp_backend("auto", "cpu", "gelu")
+    with pytest.raises(ConfigError, match="mlp_backend"):
+        preset("smoke", mlp_backend="cutlass")
+    with pytest.raises(ValueError, match="resolve it"):
+        build_model(preset("smoke"), "cpu").set_mlp_backend("auto")
+    with pytest.raises(ValueError, match="share a dtype"):
+        fused_mlp.fused_mlp(torch.zeros(4, 8), torch.zeros(16, 8, dtype=torch.bfloat16), torch.zeros(8, 16), 0.5)
+    with pytest.raises(ValueError, match=r"w_up \[hidden, d\]"):
+        fused_mlp.fused_mlp(torch.zeros(4, 8), torch.zeros(16, 8), torch.zeros(16, 8), 0.5)
+    if CUDA:
+        assert fused_mlp.resolve_mlp_backend("auto", "cuda") == "triton"
+
+
+def test_kernels_read_only_constexpr_globals(kernel):
+    """Compiled Triton refuses a kernel that reads a module global unless it is a tl.constexpr instance; the
+    interpreter does not check, so check the kernel's own code object."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    jitted = {n: f for n, f in vars(kernel).items() if hasattr(f, "fn") and hasattr(f.fn, "__code__")}
+    assert "_mm_act_kernel" in jitted
+    for name, f in jitted.items():
+        for gname in f.fn.__code__.co_names:
+            if gname in vars(kernel):
+                val = vars(kernel)[gname]
+                assert isinstance(val, (types.ModuleType, tl.constexpr)) or gname in jitted or val in (triton, tl), \
+                    f"kernel {name} reads module global {gname!r}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: pr1514's shapes, compiled kernel")
+def test_pr1514_shapes_on_gpu(kernel):
+    M, d, H = 98304, 512, 2048
+    x, w_up, w_down, dy = _operands(M, d, H, seed=5)
+    h, a = kernel.up_act(x, w_up, 0.5)
+    h_ref = F.linear(x, w_up)  # cuBLAS, bf16 out
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(a, F.leaky_relu(h, 0.5).square())  # same rounding as the plain path, from the same h
+    dh = kernel.down_dact(dy, w_down, h, 0.5)
+    hf = h.float()
+    want = (dy.float() @ w_down.float()) * torch.where(hf > 0, 2 * hf, 0.5 * hf)
+    _close_bf16(dh, want, steps=1.0, atol=1e-3)
+
+
+def test_packed_kernel_module_runs(tmp_path):
+    """The minified, packed kernel module compiles (Triton reads its source through the packed loader)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from golfnb import pack
+
+    text, _ = pack.pack_text(pack.submission_config(preset("smoke")))
+    mods = pack.payload_modules(pack.unwrap(text))
+    assert "golfnb.fused_mlp" in mods and "BACKWARD: tl.constexpr" in mods["golfnb._triton_mlp"][0]
+    (tmp_path / "train_gpt.py").write_text(text)
+    probe = textwrap.dedent("""
+        import runpy, torch
+        runpy.run_path("train_gpt.py", run_name="packed")   # installs the in-memory golfnb, runs nothing
+        import golfnb._triton_mlp as k
+        assert k.__file__.startswith("<packed>"), k.__file__
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        x = torch.randn(64, 32, device=dev).bfloat16()
+        u = (torch.randn(128, 32, device=dev) / 6).bfloat16()
+        h, a = k.up_act(x, u, 0.5, dict(block_m=32, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1))
+        print("maxdiff", float((h.float() - x.float() @ u.float().t()).abs().max()))
+    """)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if not CUDA:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert float(proc.stdout.split("maxdiff")[1]) < 0.05
