@@ -31,7 +31,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 # H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md).
 # GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages" overrides them for experiments.
 TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
-DEFAULT_TILE = {"block_m": 128, "block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
+DEFAULT_TILE = {"block_m": 256, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
+SMEM_BYTES = 200 * 1024  # of the H100's 227 KB per block: the staged A and B tiles must fit below it
 
 
 def _env_tile() -> dict:
@@ -112,12 +113,19 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tens
     if M == 0 or N == 0:
         return
     bm, bn, bk, gm = t["block_m"], t["block_n"], t["block_k"], t["group_m"]
+    stages, esize = t["num_stages"], a.element_size()
+    # the tiles are sized for bf16; fp32 operands (tests, the smoke model) need half the depth per stage
+    while stages * (bm * bk + bk * bn) * esize > SMEM_BYTES and (stages > 2 or bk > 16):
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mm_act_kernel[grid](
         a, b, out, aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         float(slope), BACKWARD=backward, EVEN_MN=(M % bm == 0 and N % bn == 0), EVEN_K=K % bk == 0,
         UPCAST=_INTERPRETED and a.dtype != torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=t["num_warps"], num_stages=t["num_stages"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=t["num_warps"], num_stages=stages)
 
 
 def _check(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -236,11 +236,12 @@ def test_packed_kernel_keeps_its_constexpr_annotations_and_runs(tmp_path):
         import golfnb._triton_ce as k
         assert k.__file__.startswith("<packed>"), k.__file__
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
         z = torch.randn(8, 300, device=dev) * 10
         t = torch.randint(0, 300, (8,), device=dev)
         loss, dz = k.softcap_ce(z, t, 30.0, True)
         ref = torch.nn.functional.cross_entropy(30 * torch.tanh(z / 30), t, reduction="none")
-        print("maxdiff", float((loss - ref).abs().max()))
+        print("maxdiff", float(((loss - ref).abs() / ref.abs()).max()))  # relative: losses here reach ~40 nats
     """)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
