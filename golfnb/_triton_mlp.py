@@ -29,7 +29,8 @@ import triton.language as tl
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md).
-# GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages" overrides them for experiments.
+# GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages[,tma]" overrides them for experiments;
+# tma=1 picks _mm_act_tma_kernel (descriptor loads and stores, persistent programs).
 TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 DEFAULT_TILE = {"block_m": 256, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
 SMEM_BYTES = 200 * 1024  # of the H100's 227 KB per block: the staged A and B tiles must fit below it
@@ -40,9 +41,10 @@ def _env_tile() -> dict:
     if not raw:
         return {}
     parts = raw.split(",")
-    if len(parts) != len(TILE_KEYS) or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: want six integers {','.join(TILE_KEYS)}, e.g. 128,256,64,8,8,3")
-    return dict(zip(TILE_KEYS, (int(p) for p in parts)))
+    if len(parts) not in (len(TILE_KEYS), len(TILE_KEYS) + 1) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: want six integers {','.join(TILE_KEYS)} and optionally a "
+                         f"seventh, tma (0/1), e.g. 256,128,64,8,8,3 or 128,256,64,8,8,3,1")
+    return dict(zip(TILE_KEYS + ("tma",), (int(p) for p in parts)))
 
 
 @triton.jit
@@ -105,6 +107,70 @@ def _mm_act_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, M, N, K,
             tl.store(aux_ptr + o_off, act, mask=mask)
 
 
+@triton.jit
+def _mm_act_tma_kernel(a_desc, b_desc, out_desc, aux_desc, M, N, K, slope,
+                       BACKWARD: tl.constexpr, B_NK: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       NUM_PROGRAMS: tl.constexpr):
+    """The same GEMM and epilogues with tensor-memory-accelerator loads and stores (descriptors built on the
+    host) and a persistent schedule: NUM_PROGRAMS programs walk the tiles, so a program's next loads overlap its
+    epilogue. B_NK: B is given as [N, K] (the up weight as stored) and transposed in registers."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+        off_n = ((tile % per_group) // group_rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            if B_NK:
+                b = tl.trans(b_desc.load([off_n, k * BLOCK_K]))
+            else:
+                b = b_desc.load([k * BLOCK_K, off_n])
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, b, acc)
+        if BACKWARD:
+            h = aux_desc.load([off_m, off_n]).to(tl.float32)
+            dh = acc * tl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
+            out_desc.store([off_m, off_n], dh.to(out_desc.dtype))
+        else:
+            hb = acc.to(out_desc.dtype)
+            hf = hb.to(tl.float32)
+            r = tl.where(hf > 0, hf, slope * hf)
+            out_desc.store([off_m, off_n], hb)
+            aux_desc.store([off_m, off_n], (r * r).to(aux_desc.dtype))
+
+
+def _launch_tma(a: torch.Tensor, b: torch.Tensor, b_nk: bool, out: torch.Tensor, aux: torch.Tensor, slope: float,
+                backward: bool, t: dict) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = out.shape[1]
+    bm, bn, bk = t["block_m"], t["block_n"], t["block_k"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = min(tiles, _num_sms(a.device))
+    b_desc = TensorDescriptor.from_tensor(b, [bn, bk] if b_nk else [bk, bn])
+    _mm_act_tma_kernel[(programs,)](
+        TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, TensorDescriptor.from_tensor(out, [bm, bn]),
+        TensorDescriptor.from_tensor(aux, [bm, bn]), M, N, K, float(slope),
+        BACKWARD=backward, B_NK=b_nk, UPCAST=_INTERPRETED and a.dtype != torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["group_m"], NUM_PROGRAMS=programs,
+        num_warps=t["num_warps"], num_stages=t["num_stages"])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, so that the persistent loop is exercised
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, slope: float, backward: bool,
             tile: dict | None) -> None:
     t = {**DEFAULT_TILE, **_env_tile(), **(tile or {})}
@@ -112,20 +178,28 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tens
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    bm, bn, bk, gm = t["block_m"], t["block_n"], t["block_k"], t["group_m"]
-    stages, esize = t["num_stages"], a.element_size()
+    bm, bn = t["block_m"], t["block_n"]
+    esize = a.element_size()
     # the tiles are sized for bf16; fp32 operands (tests, the smoke model) need half the depth per stage
-    while stages * (bm * bk + bk * bn) * esize > SMEM_BYTES and (stages > 2 or bk > 16):
-        if stages > 2:
-            stages -= 1
+    while t["num_stages"] * (bm * t["block_k"] + t["block_k"] * bn) * esize > SMEM_BYTES and \
+            (t["num_stages"] > 2 or t["block_k"] > 16):
+        if t["num_stages"] > 2:
+            t["num_stages"] -= 1
         else:
-            bk //= 2
+            t["block_k"] //= 2
+    if t.get("tma"):
+        # descriptors need a unit last stride: the up weight's transpose is read as the [N, K] weight itself
+        b_nk = b.stride(0) == 1 and b.stride(1) != 1
+        _launch_tma(a.contiguous(), b.t() if b_nk else b.contiguous(), b_nk, out, aux, slope, backward, t)
+        return
+    bk = t["block_k"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mm_act_kernel[grid](
         a, b, out, aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         float(slope), BACKWARD=backward, EVEN_MN=(M % bm == 0 and N % bn == 0), EVEN_K=K % bk == 0,
         UPCAST=_INTERPRETED and a.dtype != torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=t["num_warps"], num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["group_m"], num_warps=t["num_warps"],
+        num_stages=t["num_stages"])
 
 
 def _check(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -56,16 +56,23 @@ print(f"mlp fwd+bwd plain(compiled) ms:{base:.3f}")
 print(f"gemm cuBLAS x@Wup^T ms:{timed(lambda: F.linear(x0, u)):.3f}  dy@Wdown ms:{timed(lambda: dy @ w):.3f}")
 h_ref = F.linear(x0, u)
 best = None
-for tile in [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4),
-             (256, 128, 64, 8, 8, 3), (128, 256, 32, 8, 8, 4), (64, 256, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3)]:
-    t = dict(zip(_triton_mlp.TILE_KEYS, tile))
+# (block m, n, k, group, warps, stages, tma): the pointer kernel's best two of the first sweep, then the
+# descriptor-load persistent kernel
+for tile in [(256, 128, 64, 8, 8, 3, 0), (128, 256, 64, 8, 8, 4, 0),
+             (128, 256, 64, 8, 8, 3, 1), (256, 128, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 4, 1),
+             (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 4, 1), (256, 128, 64, 8, 8, 2, 1)]:
+    t = dict(zip(_triton_mlp.TILE_KEYS + ("tma",), tile))
     try:
         up = timed(lambda: _triton_mlp.up_act(x0, u, 0.5, t))
         h, a = _triton_mlp.up_act(x0, u, 0.5, t)
         dn = timed(lambda: _triton_mlp.down_dact(dy, w, h, 0.5, t))
         ok = torch.equal(a, F.leaky_relu(h, 0.5).square()) and (h.float() - h_ref.float()).abs().max().item() < 0.05
+        saved = dict(_triton_mlp.DEFAULT_TILE)
         _triton_mlp.DEFAULT_TILE.update(t)
-        full = timed(fwd_bwd(fused_mlp))
+        try:
+            full = timed(fwd_bwd(fused_mlp))
+        finally:
+            _triton_mlp.DEFAULT_TILE.clear(); _triton_mlp.DEFAULT_TILE.update(saved)
     except Exception as e:  # a tile that does not fit in shared memory
         print(f"tile {tile} failed: {type(e).__name__}: {str(e)[:200]}")
         continue
