@@ -97,6 +97,16 @@ def test_tma_kernel_equals_the_pointer_kernel(kernel):
     assert torch.equal(kernel.down_dact(dy, w_down, h0, 0.5, SMALL), kernel.down_dact(dy, w_down, h0, 0.5, TMA))
 
 
+def test_tiles_shrink_to_fit_shared_memory(kernel):
+    """The H100 refused the bf16 default tile with fp32 operands (288 KB of shared memory, 227 KB allowed)."""
+    bf16 = kernel.fit_tile(kernel.DEFAULT_TILE, 2)
+    assert bf16 == kernel.DEFAULT_TILE  # measured as the best tile: left alone
+    fp32 = kernel.fit_tile(kernel.DEFAULT_TILE, 4)
+    staged = fp32["num_stages"] * (fp32["block_m"] + fp32["block_n"]) * fp32["block_k"] * 4
+    assert staged <= kernel.SMEM_BYTES and fp32["num_stages"] >= 2 and fp32["block_k"] >= 16
+    assert (fp32["block_m"], fp32["block_n"]) == (bf16["block_m"], bf16["block_n"])
+
+
 def test_tile_override_from_the_environment(kernel, monkeypatch):
     monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1,1")
     assert kernel._env_tile() == {**SMALL, "tma": 1}
