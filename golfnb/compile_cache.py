@@ -57,10 +57,10 @@ _EVAL_GRAPH_FIELDS = ("eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "tt
 _EVAL_NOT_IN_GRAPH = {"matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "muon_momentum",
                       "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_backend_steps",
                       "muon_nesterov", "muon_row_normalize", "muon_wd", "embed_wd", "adam_wd", "beta1", "beta2",
-                      "adam_eps", "grad_clip_norm", "grad_clip_mode", "ema_decay", "ce_backend", "mlp_backend",
-                      "enable_looping_at",
-                      "loader", "train_batch_tokens", "grad_accum_steps", "warmdown_frac", "warmdown_iters",
-                      "min_lr"}
+                      "adam_eps", "grad_clip_norm", "grad_clip_mode", "ema_decay", "enable_looping_at", "loader",
+                      "train_batch_tokens", "grad_accum_steps", "warmdown_frac", "warmdown_iters", "min_lr",
+                      # the training loss and the training MLP: without autograd the scoring forward runs the plain MLP
+                      "ce_backend", "mlp_backend"}
 
 
 @dataclass(frozen=True)

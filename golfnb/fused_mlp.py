@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from golfnb.fused_ce import triton_available
+from golfnb.fused_ce import triton_available, triton_interpreted
 
 MLP_BACKENDS = ("auto", "triton", "torch")
 
@@ -29,12 +29,15 @@ def resolve_mlp_backend(name: str, device: torch.device | str, activation: str =
     if name not in MLP_BACKENDS:
         raise ValueError(f"mlp_backend {name!r} is unknown; use one of {', '.join(MLP_BACKENDS)}")
     if activation not in ("leaky_relu2", "relu2"):
-        raise ValueError(f"no fused MLP for activation {activation!r}; set mlp_backend=torch")
+        if name == "triton":
+            raise ValueError(f"no fused MLP for activation {activation!r}; set mlp_backend=auto or torch")
+        return "torch"
     if name == "auto":
         return "triton" if dev.type == "cuda" and triton_available() else "torch"
     if name == "triton":
-        if dev.type != "cuda":
-            raise ValueError(f"mlp_backend=triton needs a CUDA device, not {dev}; set mlp_backend=auto or torch")
+        if dev.type != "cuda" and not triton_interpreted():
+            raise ValueError(f"mlp_backend=triton needs a CUDA device, not {dev} (or TRITON_INTERPRET=1 to run the "
+                             f"kernel in Triton's slow CPU interpreter, for tests); set mlp_backend=auto or torch")
         if not triton_available():
             raise ValueError("mlp_backend=triton needs the triton package (it comes with PyTorch's CUDA wheels on "
                              "Linux); install it or set mlp_backend=auto or torch")

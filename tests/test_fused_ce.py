@@ -180,10 +180,14 @@ def test_model_loss_and_every_gradient_agree_between_backends(kernel):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=2e-3, atol=2e-5, msg=n)
 
 
-def test_backend_resolution_and_bad_values():
+def test_backend_resolution_and_bad_values(monkeypatch):
     assert fused_ce.resolve_ce_backend("auto", "cpu") == "torch"
     assert fused_ce.resolve_ce_backend("torch", "cpu") == "torch"
-    with pytest.raises(ValueError, match="needs a CUDA device.*ce_backend=auto or torch"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # an explicit triton on CPU: the interpreter, never picked by auto
+    assert fused_ce.resolve_ce_backend("triton", "cpu") == "triton"
+    assert fused_ce.resolve_ce_backend("auto", "cpu") == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs a CUDA device.*TRITON_INTERPRET=1.*ce_backend=auto or torch"):
         fused_ce.resolve_ce_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):
         fused_ce.resolve_ce_backend("liger", "cpu")

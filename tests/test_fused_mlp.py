@@ -228,15 +228,20 @@ def test_without_autograd_the_plain_path_runs_so_gptq_hooks_see_the_inputs(kerne
     assert len(seen) == 1
 
 
-def test_backend_resolution_and_bad_values():
+def test_backend_resolution_and_bad_values(monkeypatch):
     assert fused_mlp.resolve_mlp_backend("auto", "cpu") == "torch"
     assert fused_mlp.resolve_mlp_backend("torch", "cpu", "relu2") == "torch"
-    with pytest.raises(ValueError, match="needs a CUDA device.*mlp_backend=auto or torch"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # an explicit triton on CPU: the interpreter, never picked by auto
+    assert fused_mlp.resolve_mlp_backend("triton", "cpu") == "triton"
+    assert fused_mlp.resolve_mlp_backend("auto", "cpu") == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs a CUDA device.*TRITON_INTERPRET=1.*mlp_backend=auto or torch"):
         fused_mlp.resolve_mlp_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):
         fused_mlp.resolve_mlp_backend("cutlass", "cpu")
+    assert fused_mlp.resolve_mlp_backend("auto", "cuda", "gelu") == "torch"  # auto falls back, never fails
     with pytest.raises(ValueError, match="no fused MLP for activation"):
-        fused_mlp.resolve_mlp_backend("auto", "cpu", "gelu")
+        fused_mlp.resolve_mlp_backend("triton", "cuda", "gelu")
     with pytest.raises(ConfigError, match="mlp_backend"):
         preset("smoke", mlp_backend="cutlass")
     with pytest.raises(ValueError, match="resolve it"):

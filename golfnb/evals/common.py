@@ -260,7 +260,11 @@ def persist_scoring_forward(hidden_fn: Any, log: Any = None) -> None:
     """Persist a ScoringForward's compiled artifacts (anything else: nothing to do); logs what was written."""
     if not isinstance(hidden_fn, ScoringForward):
         return
-    written = hidden_fn.persist()
+    try:
+        written = hidden_fn.persist()
+    except Exception as e:  # a cache is an optimisation: failing to write one must not fail an eval
+        emit(log, f"eval_compile_cache:not saved ({type(e).__name__}: {e})")
+        return
     if written:
         emit(log, f"eval_compile_cache:saved files:{len(written)} bytes:{written[0].stat().st_size} "
                   f"shapes:{sorted(hidden_fn.shapes)}")

@@ -49,12 +49,6 @@ def run_method(method: str, model: torch.nn.Module, tokens: Any, cfg: Hyperparam
     kwargs: observer, adapt_tokens, budget_seconds, continue_over_budget, log, hidden_fn (ignored by
     plain, which takes `forward`; default: golfnb.evals.common.scoring_forward), hints (tilt methods only).
     """
-    from golfnb.evals.plain import evaluate_plain
-    from golfnb.evals.sliding import evaluate_sliding
-    from golfnb.evals.slot import SLOT_VARIANTS, slot_pass
-    from golfnb.evals.tilt import TILT_BASES, evaluate_tilt
-    from golfnb.evals.ttt import evaluate_ttt
-
     base, plus, mod = method.partition("+")
     own_fn = None
     if kwargs.get("hidden_fn") is None and base != "plain":
