@@ -43,21 +43,27 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_ce_backend(name: str, device: torch.device | str) -> str:
-    """`auto` -> `triton` on CUDA when Triton imports, else `torch`; an explicit `triton` must be able to run."""
+def resolve_kernel_backend(field: str, name: str, device: torch.device | str) -> str:
+    """A `<field>=auto|triton|torch` setting of one of golfnb's Triton kernels, resolved for `device`:
+    `auto` -> `triton` on CUDA when Triton imports, else `torch`; an explicit `triton` must be able to run."""
     dev = torch.device(device)
     if name not in CE_BACKENDS:
-        raise ValueError(f"ce_backend {name!r} is unknown; use one of {', '.join(CE_BACKENDS)}")
+        raise ValueError(f"{field} {name!r} is unknown; use one of {', '.join(CE_BACKENDS)}")
     if name == "auto":
         return "triton" if dev.type == "cuda" and triton_available() else "torch"
     if name == "triton":
         if dev.type != "cuda" and not triton_interpreted():
-            raise ValueError(f"ce_backend=triton needs a CUDA device, not {dev} (or TRITON_INTERPRET=1 to run the "
-                             f"kernel in Triton's slow CPU interpreter, for tests); set ce_backend=auto or torch")
+            raise ValueError(f"{field}=triton needs a CUDA device, not {dev} (or TRITON_INTERPRET=1 to run the "
+                             f"kernel in Triton's slow CPU interpreter, for tests); set {field}=auto or torch")
         if not triton_available():
-            raise ValueError("ce_backend=triton needs the triton package (it comes with PyTorch's CUDA wheels on "
-                             "Linux); install it or set ce_backend=auto or torch")
+            raise ValueError(f"{field}=triton needs the triton package (it comes with PyTorch's CUDA wheels on "
+                             f"Linux); install it or set {field}=auto or torch")
     return name
+
+
+def resolve_ce_backend(name: str, device: torch.device | str) -> str:
+    """The training loss's backend (config `ce_backend`), resolved for `device`."""
+    return resolve_kernel_backend("ce_backend", name, device)
 
 
 # ----------------------------------------------------------------------------------------- reference

@@ -17,31 +17,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from golfnb.fused_ce import triton_available, triton_interpreted
+from golfnb.fused_ce import CE_BACKENDS, resolve_kernel_backend
 
-MLP_BACKENDS = ("auto", "triton", "torch")
+MLP_BACKENDS = CE_BACKENDS
 
 
 def resolve_mlp_backend(name: str, device: torch.device | str, activation: str = "leaky_relu2") -> str:
     """`auto` -> `triton` on CUDA when Triton imports, else `torch`; an explicit `triton` must be able to run.
     relu2 is leaky_relu2 with slope 0, so both activations have the fused path."""
-    dev = torch.device(device)
-    if name not in MLP_BACKENDS:
-        raise ValueError(f"mlp_backend {name!r} is unknown; use one of {', '.join(MLP_BACKENDS)}")
+    resolved = resolve_kernel_backend("mlp_backend", name, device)
     if activation not in ("leaky_relu2", "relu2"):
         if name == "triton":
             raise ValueError(f"no fused MLP for activation {activation!r}; set mlp_backend=auto or torch")
         return "torch"
-    if name == "auto":
-        return "triton" if dev.type == "cuda" and triton_available() else "torch"
-    if name == "triton":
-        if dev.type != "cuda" and not triton_interpreted():
-            raise ValueError(f"mlp_backend=triton needs a CUDA device, not {dev} (or TRITON_INTERPRET=1 to run the "
-                             f"kernel in Triton's slow CPU interpreter, for tests); set mlp_backend=auto or torch")
-        if not triton_available():
-            raise ValueError("mlp_backend=triton needs the triton package (it comes with PyTorch's CUDA wheels on "
-                             "Linux); install it or set mlp_backend=auto or torch")
-    return name
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------- reference

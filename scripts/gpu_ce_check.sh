@@ -10,23 +10,12 @@
 #   OUT=/tmp/out STAGES=op,test,bench scripts/gpu_ce_check.sh
 #   OUT=/tmp/out STAGES=train ITERS=80 scripts/gpu_ce_check.sh
 set -u
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+OUT=${OUT:-$PWD/out}
 STAGES=${STAGES:-op,test,bench}
 PRESET=${PRESET:-pr1514}
 STEPS=${STEPS:-8}
 ITERS=${ITERS:-80}
-export PYTHONUNBUFFERED=1
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-t0=$(date +%s); stamp() { echo "[t+$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/timeline.txt"; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$OUT/gpu.txt" 2>&1
-stamp "start"
+. scripts/gpu_env.sh
 if has sweep; then
   python3 - > "$OUT/sweep.log" 2>&1 <<'PY'
 import torch

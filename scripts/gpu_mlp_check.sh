@@ -7,22 +7,11 @@
 #   bench  the training benchmark (both phases) with mlp_backend=torch, then =triton, synthetic tokens
 #   OUT=/tmp/out STAGES=sweep,test,bench scripts/gpu_mlp_check.sh
 set -u
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+OUT=${OUT:-$PWD/out}
 STAGES=${STAGES:-sweep,test,bench}
 PRESET=${PRESET:-pr1514}
 STEPS=${STEPS:-8}
-export PYTHONUNBUFFERED=1
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-t0=$(date +%s); stamp() { echo "[t+$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/timeline.txt"; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$OUT/gpu.txt" 2>&1
-stamp "start"
+. scripts/gpu_env.sh
 if has sweep; then
   python3 - > "$OUT/mlp_sweep.log" 2>&1 <<'PY'
 import torch, torch.nn.functional as F
