@@ -59,7 +59,8 @@ def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
     return out
 
 
-def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None) -> dict[str, Any]:
+def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None,
+              kernel_sources_top: int = 0) -> dict[str, Any]:
     from golfnb.attention import available_backends, resolve_backend
     from golfnb.fused_ce import resolve_ce_backend
     from golfnb.fused_mlp import resolve_mlp_backend
@@ -129,7 +130,8 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
         result["peak_mem_alloc_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if profile_dir is not None:
         result["profile"] = profile_steps(tr, phases, Path(profile_dir), log=log,
-                                          step_ms={n: result[n]["ms_per_step"] for n, _ in phases})
+                                          step_ms={n: result[n]["ms_per_step"] for n, _ in phases},
+                                          sources_top=kernel_sources_top)
     log("bench " + " ".join(f"{k}:{v}" for k, v in result.items() if not isinstance(v, dict)))
     return result
 
@@ -201,10 +203,38 @@ def _device_kernels(prof) -> list[tuple[str, float, int]]:
     return out
 
 
+def kernel_sources(names: list[str], cache_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """The source files of Inductor-generated kernels, by kernel name, from Inductor's on-disk cache.
+
+    A profile names a slow kernel but not what it computes; its source (the fused ops, the loads, the launch
+    heuristics) is in the cache directory Inductor wrote while compiling (`TORCHINDUCTOR_CACHE_DIR`, default
+    /tmp/torchinductor_<user>). Names repeat across graphs (each graph numbers its kernels from 0), so every
+    file defining the name is returned; a name found nowhere maps to []."""
+    if cache_dir is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+        cache_dir = inductor_cache_dir()
+    found: dict[str, list[str]] = {n: [] for n in names}
+    root = Path(cache_dir)
+    if not root.is_dir() or not names:
+        return found
+    for f in sorted(root.rglob("*.py")):
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        for n in names:
+            if f"def {n}(" in text and text not in found[n]:
+                found[n].append(text)
+    return found
+
+
 def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30,
-                  step_ms: dict[str, float] | None = None) -> dict[str, Any]:
+                  step_ms: dict[str, float] | None = None, sources_top: int = 0) -> dict[str, Any]:
     """Profile one optimizer step per phase. Writes per phase the top-kernel table (by device time) and, on
     CUDA, the time per kernel category against the step's clock; returns {phase: {table, wall_ms, summary}}.
+    `sources_top` > 0 also writes `profile_<phase>_sources.py`: the generated source of that many of the phase's
+    slowest Inductor kernels (by device time per call), each under a comment with its time and call count.
 
     The clock is `step_ms[phase]` (the unprofiled median) when given: the profiler slows the host side, so the
     profiled step's own clock overstates the GPU's idle time."""
@@ -241,8 +271,27 @@ def profile_steps(tr, phases, out_dir: Path, log=print, top: int = 30,
                              for r in rows)
             atomic_write_text(out_dir / f"profile_{name}_summary.txt", f"phase {name}, step clock {clock:.1f} ms (profiled {wall_ms:.1f} ms)\n{text}\n")
             log(f"profile phase:{name} by category\n{text}")
+            if sources_top > 0:
+                entry["sources"] = str(_write_sources(kernels, sources_top, out_dir / f"profile_{name}_sources.py"))
         out[name] = entry
     return out
+
+
+def _write_sources(kernels: list[tuple[str, float, int]], n: int, path: Path,
+                   cache_dir: str | Path | None = None) -> Path:
+    from golfnb.io import atomic_write_text
+
+    # per call, not in total: a kernel that runs once per micro-step but takes ten times its peers is the
+    # anomaly worth reading, however its total compares with a cheap kernel called 88 times
+    gen = sorted((k for k in kernels if k[0].startswith("triton_") and k[2] > 0), key=lambda k: -k[1] / k[2])[:n]
+    srcs = kernel_sources([k[0] for k in gen], cache_dir)
+    parts = []
+    for name, ms, calls in gen:
+        found = srcs[name]
+        parts.append(f"# ==== {name}: {ms:.2f} ms in {calls} calls ({ms / calls:.3f} ms per call), "
+                     f"{len(found)} source file(s) found\n" + "\n# ---- next file defining the name\n".join(found))
+    atomic_write_text(path, "\n\n".join(parts) + "\n")
+    return path
 
 
 def run_ce_bench(cfg, steps: int = 20, tokens: int | None = None, log=print) -> dict[str, Any]:
@@ -339,6 +388,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", help="write the result here")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per phase; kernel tables into DIR")
+    p.add_argument("--kernel-sources", type=int, default=0, metavar="N",
+                   help="with --profile: also save the generated source of each phase's N slowest Inductor kernels "
+                        "(per call) from Inductor's cache directory")
     p.add_argument("--ce-only", action="store_true",
                    help="time only the LM head + cross-entropy (forward and backward) per CE backend")
 
@@ -353,7 +405,10 @@ def _run_from_args(args: argparse.Namespace) -> int:
     if args.ce_only:
         res = run_ce_bench(cfg, steps=args.steps)
     else:
-        res = run_bench(cfg, steps=args.steps, data=args.data, profile_dir=args.profile)
+        if args.kernel_sources and not args.profile:
+            raise SystemExit("--kernel-sources needs --profile DIR (the sources are chosen from the profile)")
+        res = run_bench(cfg, steps=args.steps, data=args.data, profile_dir=args.profile,
+                        kernel_sources_top=args.kernel_sources)
     if args.json:
         from golfnb.io import atomic_write_json
 

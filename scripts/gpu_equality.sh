@@ -4,12 +4,15 @@
 # on the host CPUs; timings from this script are not measurements):
 #   plain  ce_backend=torch mlp_backend=torch (the reference paths: cuBLAS + Inductor only)
 #   fast   ce_backend=auto mlp_backend=auto (the fused Triton cross-entropy and MLP on CUDA)
-# BATCH sets train_batch_tokens (default: the record's 786,432; a smaller one shortens the check).
-#   OUT=/tmp/out ITERS=200 BATCH=196608 scripts/gpu_equality.sh
+# BATCH sets train_batch_tokens (default: the record's 786,432; a smaller one shortens the check; two arms at the
+# record batch need ~80 GB together). DEADLINE (seconds, default 0 = none) stops both arms when reached, and the
+# logs written so far are still copied to $OUT.
+#   OUT=/tmp/out ITERS=200 BATCH=393216 DEADLINE=400 scripts/gpu_equality.sh
 set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 ITERS=${ITERS:-200}
 BATCH=${BATCH:-786432}
+DEADLINE=${DEADLINE:-0}
 t0=$(date +%s); stamp() { echo "[t+$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/timeline.txt"; }
 # build the shards once, before the arms start (gpu_report_run.sh builds them when missing)
 OUT="$OUT/report_data" RUN="runs/eq_data" STAGES=none scripts/gpu_report_run.sh > "$OUT/data.txt" 2>&1
@@ -21,7 +24,17 @@ for ARM in plain fast; do
   esac
   OUT="$OUT/report_$ARM" RUN="runs/eq_$ARM" TRAIN_SECONDS=0 STAGES=train \
     EXTRA_SETS="--set iterations=$ITERS --set seed=1337 --set train_batch_tokens=$BATCH $SETS" \
-    scripts/gpu_report_run.sh > "$OUT/train_$ARM.txt" 2>&1 &
+    setsid scripts/gpu_report_run.sh > "$OUT/train_$ARM.txt" 2>&1 &
+  pids="${pids:-} $!"
+done
+alive() { for p in $pids; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while alive; do
+  if [ "$DEADLINE" -gt 0 ] && [ $(( $(date +%s) - t0 )) -ge "$DEADLINE" ]; then
+    for p in $pids; do kill -9 -- "-$p" 2>/dev/null; done
+    pkill -9 -f "golfnb.train" 2>/dev/null  # the trainers run in sessions of their own
+    stamp "DEADLINE ${DEADLINE}s reached: arms killed"; break
+  fi
+  sleep 5
 done
 wait
 stamp "both arms done"
