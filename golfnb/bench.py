@@ -68,7 +68,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     from golfnb.model import build_model, count_parameters, flops_per_token
     from golfnb.optim import EMA, build_optimizers
     from golfnb.runlog import RunLogger
-    from golfnb.train import Trainer, _peak_flops, warmup
+    from golfnb.train import Trainer, _peak_flops, compile_training_graph, warmup
 
     dist = init_distributed(cfg.device)
     device = dist.device
@@ -92,8 +92,7 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     model.set_attn_backend(backend)
     model.set_ce_backend(resolve_ce_backend(cfg.ce_backend, device))
     model.set_mlp_backend(resolve_mlp_backend(cfg.mlp_backend, device, cfg.mlp_activation))
-    fwd = model if cfg.compile_mode == "none" else torch.compile(
-        model, dynamic=False, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
+    fwd = model if cfg.compile_mode == "none" else compile_training_graph(model, cfg)
     bundle = build_optimizers(model, cfg, dist)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     tr = Trainer(cfg=cfg, run_dir=None, dist=dist, log=RunLogger(None, rank=dist.rank, echo=False), device=device,

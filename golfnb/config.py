@@ -152,6 +152,10 @@ class Hyperparameters:
     grad_clip_mode: str = "global"  # global: clip the averaged gradient; per_rank: banked records' order
     ema_decay: float = 0.997  # 0 = off
     compile_mode: str = "default"  # torch.compile mode; none = eager
+    # Inductor's max_fusion_unique_io_buffers for the training graph: a fused kernel may read and write at most this
+    # many buffers (0 = Inductor's default, no limit). Against kernels that fuse dozens of gradient contributions
+    # into one and spill (docs/performance.md).
+    compile_fusion_io_limit: int = 0
     device: str = "auto"
 
     # ---------------------------------------------------------------- quantization and artifact
@@ -543,6 +547,9 @@ def _validate(c: Hyperparameters) -> None:
             errs.append(f"{name}={v!r} is not one of {', '.join(allowed)}{hint}")
 
     need(c.vocab_size > 1, f"vocab_size={c.vocab_size} must be > 1")
+    need(c.compile_fusion_io_limit == 0 or c.compile_fusion_io_limit >= 4,
+         f"compile_fusion_io_limit={c.compile_fusion_io_limit} must be 0 (no limit) or >= 4 (a kernel with fewer "
+         f"buffers cannot fuse anything)")
     need(c.vocab_size <= 65_536, f"vocab_size={c.vocab_size} must fit uint16 shard tokens (<= 65536)")
     need(c.num_layers >= 1, f"num_layers={c.num_layers} must be >= 1")
     need(c.model_dim >= 1 and c.num_heads >= 1, "model_dim and num_heads must be positive")

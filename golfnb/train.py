@@ -58,7 +58,7 @@ from golfnb.distributed import barrier
 from golfnb.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, \
     sha256_file, torch_load
 
-__all__ = ["train", "prepare", "warmup", "run_loop", "finish", "Trainer", "TrainingError", "NonFiniteLoss",
+__all__ = ["train", "prepare", "warmup", "compile_options", "compile_training_graph", "run_loop", "finish", "Trainer", "TrainingError", "NonFiniteLoss",
            "TrainingInterrupted", "main", "autocast_for", "load_final_model", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "verify_data", "CHECKPOINT_DIR", "RESUMABLE_FIELDS", "INTERRUPT_EXIT_CODE"]
 
@@ -72,12 +72,35 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 # validates and checkpoints, how the same maths is compiled, and how many threads compress. Anything else is
 # another run.
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
-                              "val_loss_every", "compile_mode", "attn_backend", "ce_backend", "mlp_backend",
+                              "val_loss_every", "compile_mode", "compile_fusion_io_limit", "attn_backend", "ce_backend", "mlp_backend",
                               "eval_compile", "prune_workers"})
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue; the message says why and what to change."""
+
+
+def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
+    """torch.compile's keyword arguments for the training graph: the mode, and Inductor options where set.
+
+    torch.compile takes a mode or an options dict, not both, so a mode other than default is spelled out as its
+    options when an option is added. A torch without the option fails here, before any data or GPU work."""
+    mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+    if not cfg.compile_fusion_io_limit:
+        return mode
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "max_fusion_unique_io_buffers"):
+        raise TrainingError(f"compile_fusion_io_limit={cfg.compile_fusion_io_limit} needs Inductor's "
+                            f"max_fusion_unique_io_buffers, which torch {torch.__version__} does not have; "
+                            f"set compile_fusion_io_limit=0")
+    opts = dict(torch._inductor.list_mode_options(mode["mode"])) if mode else {}
+    opts["max_fusion_unique_io_buffers"] = cfg.compile_fusion_io_limit
+    return {"options": opts}
+
+
+def compile_training_graph(model: torch.nn.Module, cfg: Hyperparameters) -> Callable[..., torch.Tensor]:
+    return torch.compile(model, dynamic=False, **compile_options(cfg))
 
 
 class NonFiniteLoss(TrainingError):
@@ -433,8 +456,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
 
         # before the first compiled call: artifacts persisted by an earlier run turn compilation into hits
         cache_state = compile_cache.load(cfg, device, dist.world_size, run_dir)
-        kwargs = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
-        forward = torch.compile(model, dynamic=False, **kwargs)
+        forward = compile_training_graph(model, cfg)
     bundle = build_optimizers(model, cfg, dist)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 

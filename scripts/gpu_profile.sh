@@ -3,7 +3,7 @@
 # category, every kernel in JSON) plus the generated source of each phase's SOURCES slowest Inductor kernels per
 # call (profile_<phase>_sources.py), read from a fresh Inductor cache directory. Synthetic tokens, no compile cache.
 #   OUT=/tmp/out PRESET=pr1514 SOURCES=12 scripts/gpu_profile.sh
-#   EXTRA_ARGS="--set mlp_backend=torch" scripts/gpu_profile.sh     # any bench arguments
+#   NAME=limit24 EXTRA_ARGS="--set compile_fusion_io_limit=24" scripts/gpu_profile.sh   # an arm: any bench arguments
 set -u
 OUT=${OUT:-$PWD/out}
 STAGES=profile
@@ -11,9 +11,11 @@ PRESET=${PRESET:-pr1514}
 SOURCES=${SOURCES:-12}
 STEPS=${STEPS:-4}
 . scripts/gpu_env.sh
-mkdir -p "$OUT/profile"
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/golfnb-inductor-profile}
+NAME=${NAME:-profile}  # the folder under $OUT, so that several arms can run in one call
+mkdir -p "$OUT/$NAME"
+# a fresh cache per arm: its kernels are then exactly the ones this arm compiled
+export TORCHINDUCTOR_CACHE_DIR=/tmp/golfnb-inductor-$NAME
 GOLFNB_COMPILE_CACHE=off python3 -m golfnb.bench --preset "$PRESET" --steps "$STEPS" --data synthetic \
-  --profile "$OUT/profile" --kernel-sources "$SOURCES" --json "$OUT/profile/bench.json" ${EXTRA_ARGS:-} \
-  > "$OUT/profile/bench.log" 2>&1
-stamp "profile (rc=$?)"
+  --profile "$OUT/$NAME" --kernel-sources "$SOURCES" --json "$OUT/$NAME/bench.json" ${EXTRA_ARGS:-} \
+  > "$OUT/$NAME/bench.log" 2>&1
+stamp "profile $NAME ${EXTRA_ARGS:-} (rc=$?)"

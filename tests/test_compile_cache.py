@@ -141,3 +141,65 @@ def test_second_eval_starts_warm_from_the_persisted_eval_artifacts(tmp_path, val
     assert warm["seconds"] < cold["seconds"], (warm, cold)
     assert "eval_compile_cache:cold" in log_cold and "eval_compile_cache:warm" in log_warm, log_warm
     print(f"sliding eval, smoke model, compiled forward: cold {cold['seconds']:.1f} s, warm {warm['seconds']:.1f} s")
+
+
+def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypatch):
+    """compile_fusion_io_limit is handed to Inductor (as max_fusion_unique_io_buffers, alongside the mode's own
+    options), keys the training cache but not the eval one, and the limited graph computes the eager loss and
+    gradients."""
+    import pytest
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from golfnb.config import ConfigError
+    from golfnb.model import build_model
+    from golfnb.train import TrainingError, compile_options, compile_training_graph
+
+    base = preset("smoke").replace(compile_mode="default")
+    assert compile_options(base) == {}
+    assert compile_options(base.replace(compile_mode="max-autotune-no-cudagraphs")) == {
+        "mode": "max-autotune-no-cudagraphs"}
+    lim = base.replace(compile_fusion_io_limit=24)
+    assert compile_options(lim) == {"options": {"max_fusion_unique_io_buffers": 24}}
+    opts = compile_options(lim.replace(compile_mode="max-autotune-no-cudagraphs"))["options"]
+    assert opts["max_fusion_unique_io_buffers"] == 24 and opts["max_autotune"] is True
+    assert compile_cache.cache_key(lim, "cpu", 1) != compile_cache.cache_key(base, "cpu", 1)
+    assert compile_cache.cache_key(lim, "cpu", 1, purpose="eval") == compile_cache.cache_key(base, "cpu", 1,
+                                                                                              purpose="eval")
+    with pytest.raises(ConfigError, match="compile_fusion_io_limit=2 must be 0"):
+        base.replace(compile_fusion_io_limit=2)
+
+    torch.manual_seed(0)
+    model = build_model(lim, "cpu")
+    ids = torch.randint(0, lim.vocab_size, (2, 64))
+    tg = torch.randint(0, lim.vocab_size, (2, 64))
+    ref = model(ids, tg)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    import torch._inductor.scheduler as scheduler
+
+    seen = []
+    real = scheduler.Scheduler.__init__
+
+    def spy(self, *a, **k):  # the limit must be in force where Inductor decides its fusions
+        seen.append(inductor_config.max_fusion_unique_io_buffers)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
+    # a cache hit would skip the scheduler (and so the check)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    got = compile_training_graph(model, lim)(ids, tg)
+    got.backward()
+    assert seen and all(v == 24 for v in seen)
+    assert inductor_config.max_fusion_unique_io_buffers is None  # the global default is untouched
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), ref_grads):  # summed in another order: relative to each tensor's scale
+        tol = 1e-2 if g.dtype == torch.bfloat16 else 1e-3  # the bf16 embedding keeps a bf16 gradient
+        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item() + 1e-7)
+
+    monkeypatch.delattr(inductor_config, "max_fusion_unique_io_buffers")
+    with pytest.raises(TrainingError, match="set compile_fusion_io_limit=0"):
+        compile_options(lim)
