@@ -80,6 +80,12 @@ class TrainingError(RuntimeError):
     """Training cannot continue; the message says why and what to change."""
 
 
+def _inductor_has_option(name: str) -> bool:
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config, name)
+
+
 def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
     """torch.compile's keyword arguments for the training graph: the mode, and Inductor options where set.
 
@@ -88,9 +94,7 @@ def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
     mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
     if not cfg.compile_fusion_io_limit:
         return mode
-    import torch._inductor.config as inductor_config
-
-    if not hasattr(inductor_config, "max_fusion_unique_io_buffers"):
+    if not _inductor_has_option("max_fusion_unique_io_buffers"):
         raise TrainingError(f"compile_fusion_io_limit={cfg.compile_fusion_io_limit} needs Inductor's "
                             f"max_fusion_unique_io_buffers, which torch {torch.__version__} does not have; "
                             f"set compile_fusion_io_limit=0")
