@@ -53,11 +53,7 @@ if has test; then
   stamp "tests (rc=$?)"
 fi
 if has bench; then
-  for arm in torch triton; do
-    python3 -m golfnb.bench --preset "$PRESET" --steps "$STEPS" --data synthetic --set ce_backend=$arm \
-      --json "$OUT/bench_$arm.json" > "$OUT/bench_$arm.log" 2>&1
-    stamp "bench ce_backend=$arm (rc=$?)"
-  done
+  bench_arms ce_backend bench torch triton
 fi
 if has train; then
   for arm in torch triton; do

@@ -81,9 +81,5 @@ if has test; then
   stamp "tests (rc=$?)"
 fi
 if has bench; then
-  for arm in torch triton; do
-    python3 -m golfnb.bench --preset "$PRESET" --steps "$STEPS" --data synthetic --set mlp_backend=$arm \
-      --json "$OUT/bench_mlp_$arm.json" > "$OUT/bench_mlp_$arm.log" 2>&1
-    stamp "bench mlp_backend=$arm (rc=$?)"
-  done
+  bench_arms mlp_backend bench_mlp torch triton
 fi

@@ -180,27 +180,36 @@ def test_model_loss_and_every_gradient_agree_between_backends(kernel):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=2e-3, atol=2e-5, msg=n)
 
 
-def test_backend_resolution_and_bad_values(monkeypatch):
-    assert fused_ce.resolve_ce_backend("auto", "cpu") == "torch"
-    assert fused_ce.resolve_ce_backend("torch", "cpu") == "torch"
+@pytest.mark.parametrize("field", ["ce_backend", "mlp_backend"])
+def test_kernel_backend_settings_resolve_alike(field, monkeypatch):
+    """Both Triton kernels' settings (auto|triton|torch) follow one set of rules (fused_ce.resolve_kernel_backend)."""
+    from golfnb import fused_mlp
+
+    resolve = fused_ce.resolve_ce_backend if field == "ce_backend" else fused_mlp.resolve_mlp_backend
+    setter = "set_ce_backend" if field == "ce_backend" else "set_mlp_backend"
+    assert resolve("auto", "cpu") == "torch"
+    assert resolve("torch", "cpu") == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # an explicit triton on CPU: the interpreter, never picked by auto
-    assert fused_ce.resolve_ce_backend("triton", "cpu") == "triton"
-    assert fused_ce.resolve_ce_backend("auto", "cpu") == "torch"
+    assert resolve("triton", "cpu") == "triton"
+    assert resolve("auto", "cpu") == "torch"
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="needs a CUDA device.*TRITON_INTERPRET=1.*ce_backend=auto or torch"):
-        fused_ce.resolve_ce_backend("triton", "cpu")
+    with pytest.raises(ValueError, match=f"needs a CUDA device.*TRITON_INTERPRET=1.*{field}=auto or torch"):
+        resolve("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):
-        fused_ce.resolve_ce_backend("liger", "cpu")
-    with pytest.raises(ConfigError, match="ce_backend"):
-        preset("smoke", ce_backend="liger")
+        resolve("liger", "cpu")
+    with pytest.raises(ConfigError, match=field):
+        preset("smoke", **{field: "liger"})
     with pytest.raises(ValueError, match="resolve it"):
-        build_model(preset("smoke"), "cpu").set_ce_backend("auto")
+        getattr(build_model(preset("smoke"), "cpu"), setter)("auto")
+    if CUDA:
+        assert resolve("auto", "cuda") == "triton"
+
+
+def test_bad_inputs_to_the_fused_loss():
     with pytest.raises(ValueError, match=r"targets must be \[N\]"):
         fused_ce.head_softcap_ce(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(3, dtype=torch.long), 30.0)
     with pytest.raises(ValueError, match="int32 or int64"):
         fused_ce.head_softcap_ce(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4), 30.0)
-    if CUDA:
-        assert fused_ce.resolve_ce_backend("auto", "cuda") == "triton"
 
 
 def test_kernels_read_only_constexpr_globals(kernel):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from golfnb import fused_mlp
-from golfnb.config import ConfigError, preset
+from golfnb.config import preset
 from golfnb.model import build_model
 
 pytest.importorskip("triton")
@@ -228,30 +228,16 @@ def test_without_autograd_the_plain_path_runs_so_gptq_hooks_see_the_inputs(kerne
     assert len(seen) == 1
 
 
-def test_backend_resolution_and_bad_values(monkeypatch):
-    assert fused_mlp.resolve_mlp_backend("auto", "cpu") == "torch"
+def test_backend_resolution_by_activation_and_bad_inputs():
+    # the rules shared with ce_backend: tests/test_fused_ce.py::test_kernel_backend_settings_resolve_alike
     assert fused_mlp.resolve_mlp_backend("torch", "cpu", "relu2") == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # an explicit triton on CPU: the interpreter, never picked by auto
-    assert fused_mlp.resolve_mlp_backend("triton", "cpu") == "triton"
-    assert fused_mlp.resolve_mlp_backend("auto", "cpu") == "torch"
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="needs a CUDA device.*TRITON_INTERPRET=1.*mlp_backend=auto or torch"):
-        fused_mlp.resolve_mlp_backend("triton", "cpu")
-    with pytest.raises(ValueError, match="unknown"):
-        fused_mlp.resolve_mlp_backend("cutlass", "cpu")
     assert fused_mlp.resolve_mlp_backend("auto", "cuda", "gelu") == "torch"  # auto falls back, never fails
     with pytest.raises(ValueError, match="no fused MLP for activation"):
         fused_mlp.resolve_mlp_backend("triton", "cuda", "gelu")
-    with pytest.raises(ConfigError, match="mlp_backend"):
-        preset("smoke", mlp_backend="cutlass")
-    with pytest.raises(ValueError, match="resolve it"):
-        build_model(preset("smoke"), "cpu").set_mlp_backend("auto")
     with pytest.raises(ValueError, match="share a dtype"):
         fused_mlp.fused_mlp(torch.zeros(4, 8), torch.zeros(16, 8, dtype=torch.bfloat16), torch.zeros(8, 16), 0.5)
     with pytest.raises(ValueError, match=r"w_up \[hidden, d\]"):
         fused_mlp.fused_mlp(torch.zeros(4, 8), torch.zeros(16, 8), torch.zeros(16, 8), 0.5)
-    if CUDA:
-        assert fused_mlp.resolve_mlp_backend("auto", "cuda") == "triton"
 
 
 def test_kernels_read_only_constexpr_globals(kernel):
