@@ -60,7 +60,8 @@ _EVAL_NOT_IN_GRAPH = {"matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "he
                       "adam_eps", "grad_clip_norm", "grad_clip_mode", "ema_decay", "enable_looping_at", "loader",
                       "train_batch_tokens", "grad_accum_steps", "warmdown_frac", "warmdown_iters", "min_lr",
                       # the training loss and the training MLP: without autograd the scoring forward runs the plain MLP
-                      "ce_backend", "mlp_backend", "compile_fusion_io_limit"}
+                      "ce_backend", "mlp_backend", "compile_fusion_io_limit",
+                      "compile_mix_order_reduction"}
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,11 @@ class Hyperparameters:
     # many buffers (0 = Inductor's default, no limit). Against kernels that fuse dozens of gradient contributions
     # into one and spill (docs/performance.md).
     compile_fusion_io_limit: int = 0
+    # Inductor's mix-order reduction (triton.mix_order_reduction: a row reduction such as RMSNorm's backward fused
+    # with the column sums of the per-channel weight gradients that read the same rows). False turns it off for the
+    # training graph. In torch 2.11 it can absorb every block's scale gradients into one kernel that spills
+    # registers (PyTorch #179423, fixed later by a cap on the fused loads; docs/performance.md).
+    compile_mix_order_reduction: bool = True
     device: str = "auto"
 
     # ---------------------------------------------------------------- quantization and artifact

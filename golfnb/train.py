@@ -72,7 +72,8 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 # validates and checkpoints, how the same maths is compiled, and how many threads compress. Anything else is
 # another run.
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
-                              "val_loss_every", "compile_mode", "compile_fusion_io_limit", "attn_backend", "ce_backend", "mlp_backend",
+                              "val_loss_every", "compile_mode", "compile_fusion_io_limit",
+                              "compile_mix_order_reduction", "attn_backend", "ce_backend", "mlp_backend",
                               "eval_compile", "prune_workers"})
 
 
@@ -81,9 +82,15 @@ class TrainingError(RuntimeError):
 
 
 def _inductor_has_option(name: str) -> bool:
+    """Whether this torch's Inductor has the config entry `name` ("a" or "section.a")."""
     import torch._inductor.config as inductor_config
 
-    return hasattr(inductor_config, name)
+    obj: Any = inductor_config
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
 
 
 def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
@@ -92,14 +99,23 @@ def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
     torch.compile takes a mode or an options dict, not both, so a mode other than default is spelled out as its
     options when an option is added. A torch without the option fails here, before any data or GPU work."""
     mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
-    if not cfg.compile_fusion_io_limit:
+    # Inductor option -> (value, our setting that asks for it, the setting that asks for nothing)
+    wanted: dict[str, tuple[Any, str, str]] = {}
+    if cfg.compile_fusion_io_limit:
+        wanted["max_fusion_unique_io_buffers"] = (cfg.compile_fusion_io_limit,
+                                                  f"compile_fusion_io_limit={cfg.compile_fusion_io_limit}",
+                                                  "compile_fusion_io_limit=0")
+    if not cfg.compile_mix_order_reduction:
+        wanted["triton.mix_order_reduction"] = (False, "compile_mix_order_reduction=False",
+                                                "compile_mix_order_reduction=True")
+    if not wanted:
         return mode
-    if not _inductor_has_option("max_fusion_unique_io_buffers"):
-        raise TrainingError(f"compile_fusion_io_limit={cfg.compile_fusion_io_limit} needs Inductor's "
-                            f"max_fusion_unique_io_buffers, which torch {torch.__version__} does not have; "
-                            f"set compile_fusion_io_limit=0")
+    for option, (_, setting, neutral) in wanted.items():
+        if not _inductor_has_option(option):
+            raise TrainingError(f"{setting} needs Inductor's {option}, which torch {torch.__version__} does not "
+                                f"have; set {neutral}")
     opts = dict(torch._inductor.list_mode_options(mode["mode"])) if mode else {}
-    opts["max_fusion_unique_io_buffers"] = cfg.compile_fusion_io_limit
+    opts.update({option: value for option, (value, _, _) in wanted.items()})
     return {"options": opts}
 
 

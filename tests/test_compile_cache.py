@@ -203,6 +203,55 @@ def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypat
     import golfnb.train
 
     assert golfnb.train._inductor_has_option("max_fusion_unique_io_buffers")
+    assert not golfnb.train._inductor_has_option("triton.no_such_option")
     monkeypatch.setattr(golfnb.train, "_inductor_has_option", lambda name: False)  # an older torch
     with pytest.raises(TrainingError, match="set compile_fusion_io_limit=0"):
         compile_options(lim)
+
+
+def test_mix_order_reduction_switch_reaches_inductor(monkeypatch):
+    """compile_mix_order_reduction=False turns Inductor's triton.mix_order_reduction off for the training graph
+    only (in force inside the scheduler, global default untouched), keys the training cache but not the eval
+    one, combines with the fusion limit and a mode, and computes the eager loss."""
+    import pytest
+    import torch
+    import torch._inductor.config as inductor_config
+    import torch._inductor.scheduler as scheduler
+
+    import golfnb.train
+    from golfnb.model import build_model
+    from golfnb.train import TrainingError, compile_options, compile_training_graph
+
+    base = preset("smoke").replace(compile_mode="default")
+    off = base.replace(compile_mix_order_reduction=False)
+    assert compile_options(off) == {"options": {"triton.mix_order_reduction": False}}
+    both = compile_options(off.replace(compile_fusion_io_limit=16, compile_mode="max-autotune-no-cudagraphs"))
+    assert both["options"]["triton.mix_order_reduction"] is False
+    assert both["options"]["max_fusion_unique_io_buffers"] == 16 and both["options"]["max_autotune"] is True
+    assert compile_cache.cache_key(off, "cpu", 1) != compile_cache.cache_key(base, "cpu", 1)
+    assert compile_cache.cache_key(off, "cpu", 1, purpose="eval") == compile_cache.cache_key(base, "cpu", 1,
+                                                                                              purpose="eval")
+    assert inductor_config.triton.mix_order_reduction is True  # Inductor's own default outside fbcode
+
+    torch.manual_seed(0)
+    model = build_model(off, "cpu")
+    ids = torch.randint(0, off.vocab_size, (2, 64))
+    ref = model(ids, ids).detach()
+    torch._dynamo.reset()
+    seen = []
+    real = scheduler.Scheduler.__init__
+
+    def spy(self, *a, **k):
+        seen.append(inductor_config.triton.mix_order_reduction)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
+    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        got = compile_training_graph(model, off)(ids, ids)
+    assert seen and not any(seen)
+    assert inductor_config.triton.mix_order_reduction is True
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(golfnb.train, "_inductor_has_option", lambda name: name != "triton.mix_order_reduction")
+    with pytest.raises(TrainingError, match="set compile_mix_order_reduction=True"):
+        compile_options(off)
