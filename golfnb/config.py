@@ -158,8 +158,9 @@ class Hyperparameters:
     compile_fusion_io_limit: int = 0
     # Inductor's mix-order reduction (triton.mix_order_reduction: a row reduction such as RMSNorm's backward fused
     # with the column sums of the per-channel weight gradients that read the same rows). False turns it off for the
-    # training graph. In torch 2.11 it can absorb every block's scale gradients into one kernel that spills
-    # registers (PyTorch #179423, fixed later by a cap on the fused loads; docs/performance.md).
+    # training graph. In torch 2.11 it can absorb many such sums into one kernel that spills registers (PyTorch
+    # #179423, capped at 10 loads in later releases); the likely cause of pr1514's slow step after recurrence
+    # (docs/performance.md).
     compile_mix_order_reduction: bool = True
     device: str = "auto"
 

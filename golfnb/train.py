@@ -58,7 +58,8 @@ from golfnb.distributed import barrier
 from golfnb.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, \
     sha256_file, torch_load
 
-__all__ = ["train", "prepare", "warmup", "compile_options", "compile_training_graph", "run_loop", "finish", "Trainer", "TrainingError", "NonFiniteLoss",
+__all__ = ["train", "prepare", "warmup", "compile_options", "compile_training_graph", "run_loop", "finish", "Trainer",
+           "TrainingError", "NonFiniteLoss",
            "TrainingInterrupted", "main", "autocast_for", "load_final_model", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "verify_data", "CHECKPOINT_DIR", "RESUMABLE_FIELDS", "INTERRUPT_EXIT_CODE"]
 

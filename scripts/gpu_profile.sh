@@ -4,6 +4,8 @@
 # call (profile_<phase>_sources.py), read from a fresh Inductor cache directory. Synthetic tokens, no compile cache.
 #   OUT=/tmp/out PRESET=pr1514 SOURCES=12 scripts/gpu_profile.sh
 #   NAME=limit24 EXTRA_ARGS="--set compile_fusion_io_limit=24" scripts/gpu_profile.sh   # an arm: any bench arguments
+# Several arms in one call: export TRITON_CACHE_DIR=/tmp/triton-shared first, so that later arms reuse the
+# compiled kernels they share with earlier ones (the sources are still read from each arm's own Inductor cache).
 set -u
 OUT=${OUT:-$PWD/out}
 STAGES=profile

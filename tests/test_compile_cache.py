@@ -143,6 +143,33 @@ def test_second_eval_starts_warm_from_the_persisted_eval_artifacts(tmp_path, val
     print(f"sliding eval, smoke model, compiled forward: cold {cold['seconds']:.1f} s, warm {warm['seconds']:.1f} s")
 
 
+def _compile_seeing(monkeypatch, model, cfg, *inputs, read=lambda: None):
+    """Compile `model` as the trainer does and run it on `inputs`; returns (output, [read() as seen by each
+    Inductor scheduler]), so a test can check an option is in force where Inductor decides its fusions. A cache
+    hit would skip the scheduler, so Inductor's and AOTAutograd's caches are off here; patch(), not monkeypatch,
+    for them: a config module's entries are not plain attributes, and undoing a monkeypatch would delete them."""
+    import torch
+    import torch._inductor.config as inductor_config
+    import torch._inductor.scheduler as scheduler
+
+    from golfnb.train import compile_training_graph
+
+    torch._dynamo.reset()
+    seen = []
+    real = scheduler.Scheduler.__init__
+
+    def spy(self, *a, **k):
+        seen.append(read())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
+    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        out = compile_training_graph(model, cfg)(*inputs)
+        if out.requires_grad:
+            out.backward()
+    return out, seen
+
+
 def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypatch):
     """compile_fusion_io_limit is handed to Inductor (as max_fusion_unique_io_buffers, alongside the mode's own
     options), keys the training cache but not the eval one, and the limited graph computes the eager loss and
@@ -153,7 +180,7 @@ def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypat
 
     from golfnb.config import ConfigError
     from golfnb.model import build_model
-    from golfnb.train import TrainingError, compile_options, compile_training_graph
+    from golfnb.train import TrainingError, compile_options
 
     base = preset("smoke").replace(compile_mode="default")
     assert compile_options(base) == {}
@@ -177,22 +204,8 @@ def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypat
     ref.backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    import torch._inductor.scheduler as scheduler
-
-    seen = []
-    real = scheduler.Scheduler.__init__
-
-    def spy(self, *a, **k):  # the limit must be in force where Inductor decides its fusions
-        seen.append(inductor_config.max_fusion_unique_io_buffers)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
-    # a cache hit would skip the scheduler (and so the check); patch(), not monkeypatch: a config module's
-    # entries are not plain attributes, and undoing a monkeypatch would delete them
-    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        got = compile_training_graph(model, lim)(ids, tg)
-        got.backward()
+    got, seen = _compile_seeing(monkeypatch, model, lim, ids, tg,
+                                read=lambda: inductor_config.max_fusion_unique_io_buffers)
     assert seen and all(v == 24 for v in seen)
     assert inductor_config.max_fusion_unique_io_buffers is None  # the global default is untouched
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -216,11 +229,10 @@ def test_mix_order_reduction_switch_reaches_inductor(monkeypatch):
     import pytest
     import torch
     import torch._inductor.config as inductor_config
-    import torch._inductor.scheduler as scheduler
 
     import golfnb.train
     from golfnb.model import build_model
-    from golfnb.train import TrainingError, compile_options, compile_training_graph
+    from golfnb.train import TrainingError, compile_options
 
     base = preset("smoke").replace(compile_mode="default")
     off = base.replace(compile_mix_order_reduction=False)
@@ -231,25 +243,16 @@ def test_mix_order_reduction_switch_reaches_inductor(monkeypatch):
     assert compile_cache.cache_key(off, "cpu", 1) != compile_cache.cache_key(base, "cpu", 1)
     assert compile_cache.cache_key(off, "cpu", 1, purpose="eval") == compile_cache.cache_key(base, "cpu", 1,
                                                                                               purpose="eval")
-    assert inductor_config.triton.mix_order_reduction is True  # Inductor's own default outside fbcode
+    default = inductor_config.triton.mix_order_reduction  # on outside fbcode unless the environment says otherwise
 
     torch.manual_seed(0)
     model = build_model(off, "cpu")
     ids = torch.randint(0, off.vocab_size, (2, 64))
     ref = model(ids, ids).detach()
-    torch._dynamo.reset()
-    seen = []
-    real = scheduler.Scheduler.__init__
-
-    def spy(self, *a, **k):
-        seen.append(inductor_config.triton.mix_order_reduction)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
-    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        got = compile_training_graph(model, off)(ids, ids)
+    got, seen = _compile_seeing(monkeypatch, model, off, ids, ids,
+                                read=lambda: inductor_config.triton.mix_order_reduction)
     assert seen and not any(seen)
-    assert inductor_config.triton.mix_order_reduction is True
+    assert inductor_config.triton.mix_order_reduction is default  # the global setting is untouched
     torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-5)
 
     monkeypatch.setattr(golfnb.train, "_inductor_has_option", lambda name: name != "triton.mix_order_reduction")
