@@ -106,7 +106,8 @@ def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
         wanted["max_fusion_unique_io_buffers"] = (cfg.compile_fusion_io_limit,
                                                   f"compile_fusion_io_limit={cfg.compile_fusion_io_limit}",
                                                   "compile_fusion_io_limit=0")
-    if not cfg.compile_mix_order_reduction:
+    if not cfg.compile_mix_order_reduction and _inductor_has_option("triton.mix_order_reduction"):
+        # a torch without the option does not fuse reductions of mixed orders: nothing to turn off
         wanted["triton.mix_order_reduction"] = (False, "compile_mix_order_reduction=False",
                                                 "compile_mix_order_reduction=True")
     if not wanted:
