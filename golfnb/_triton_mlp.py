@@ -30,7 +30,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md).
 # GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages[,tma]" overrides them for experiments;
-# tma=1 picks _mm_act_tma_kernel (descriptor loads and stores, persistent programs).
+# tma=1 picks _mm_act_tma_kernel (descriptor loads and stores, persistent programs), tma=2 the same kernel with
+# its tile and k loops flattened into one pipelined loop (the next tile's loads overlap this tile's epilogue).
 TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 DEFAULT_TILE = {"block_m": 256, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
 SMEM_BYTES = 160 * 1024  # the staged A and B tiles; the H100 has 227 KB per block and the epilogue needs some
@@ -43,8 +44,12 @@ def _env_tile() -> dict:
     parts = raw.split(",")
     if len(parts) not in (len(TILE_KEYS), len(TILE_KEYS) + 1) or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: want six integers {','.join(TILE_KEYS)} and optionally a "
-                         f"seventh, tma (0/1), e.g. 256,128,64,8,8,3 or 128,256,64,8,8,3,1")
-    return dict(zip(TILE_KEYS + ("tma",), (int(p) for p in parts)))
+                         f"seventh, tma (0/1/2), e.g. 256,128,64,8,8,3 or 128,256,64,8,8,3,1")
+    tile = dict(zip(TILE_KEYS + ("tma",), (int(p) for p in parts)))
+    if tile.get("tma", 0) not in (0, 1, 2):
+        raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: the seventh number, tma, is 0 (pointer loads), 1 (descriptor "
+                         f"loads, persistent programs) or 2 (the same, tile and k loops flattened)")
+    return tile
 
 
 @triton.jit
@@ -111,15 +116,17 @@ def _mm_act_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, M, N, K,
 def _mm_act_tma_kernel(a_desc, b_desc, out_desc, aux_desc, M, N, K, slope,
                        BACKWARD: tl.constexpr, B_NK: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       NUM_PROGRAMS: tl.constexpr):
+                       NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr):
     """The same GEMM and epilogues with tensor-memory-accelerator loads and stores (descriptors built on the
-    host) and a persistent schedule: NUM_PROGRAMS programs walk the tiles, so a program's next loads overlap its
-    epilogue. B_NK: B is given as [N, K] (the up weight as stored) and transposed in registers."""
+    host) and a persistent schedule: NUM_PROGRAMS programs walk the tiles. B_NK: B is given as [N, K] (the up
+    weight as stored) and transposed in registers. FLATTEN lets the compiler turn the tile loop and the k loop into
+    one software-pipelined loop, so the loads of a program's next tile are in flight during this tile's epilogue:
+    with K = 512 (8 k steps) and two [M, N] outputs per tile, the epilogue is a large part of each tile's time."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=FLATTEN):
         first_m = (tile // per_group) * GROUP_M
         group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
         off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
@@ -161,7 +168,7 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, b_nk: bool, out: torch.Tensor,
         TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, TensorDescriptor.from_tensor(out, [bm, bn]),
         TensorDescriptor.from_tensor(aux, [bm, bn]), M, N, K, float(slope),
         BACKWARD=backward, B_NK=b_nk, UPCAST=_INTERPRETED and a.dtype != torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["group_m"], NUM_PROGRAMS=programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["group_m"], NUM_PROGRAMS=programs, FLATTEN=t["tma"] == 2,
         num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 

@@ -24,6 +24,7 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 SMALL = dict(block_m=32, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)  # interpreter-sized tiles
 TMA = {**SMALL, "tma": 1}
+TMA_FLAT = {**SMALL, "tma": 2}
 BF16_STEP = 2.0 ** -7  # relative spacing of bf16 numbers: one step of truncation
 
 
@@ -55,7 +56,8 @@ def _close_bf16(got: torch.Tensor, want: torch.Tensor, steps: float = 1.0, atol:
 @pytest.mark.parametrize("M,d,H,tile", [(64, 64, 128, SMALL),  # tiles divide every dimension: unmasked path
                                         (96, 48, 160, SMALL),  # ragged N and K: masked path
                                         (50, 40, 72, None),  # the H100 tile on a shape smaller than one tile
-                                        (96, 48, 160, TMA)])  # descriptor loads, persistent programs
+                                        (96, 48, 160, TMA),  # descriptor loads, persistent programs
+                                        (96, 48, 160, TMA_FLAT)])  # the same, tile and k loops flattened
 @pytest.mark.parametrize("slope", [0.5, 0.0])
 def test_up_act_writes_the_gemm_and_its_activation(kernel, M, d, H, tile, slope):
     x, w_up, _, _ = _operands(M, d, H, seed=M + H)
@@ -73,7 +75,8 @@ def test_up_act_writes_the_gemm_and_its_activation(kernel, M, d, H, tile, slope)
         assert torch.equal(a[h <= 0], torch.zeros_like(a[h <= 0]))
 
 
-@pytest.mark.parametrize("M,d,H,tile", [(64, 64, 128, SMALL), (96, 48, 160, SMALL), (96, 48, 160, TMA)])
+@pytest.mark.parametrize("M,d,H,tile", [(64, 64, 128, SMALL), (96, 48, 160, SMALL), (96, 48, 160, TMA),
+                                        (96, 48, 160, TMA_FLAT)])
 @pytest.mark.parametrize("slope", [0.5, 0.0])
 def test_down_dact_multiplies_by_the_activation_derivative(kernel, M, d, H, tile, slope):
     x, w_up, w_down, dy = _operands(M, d, H, seed=7 + M)
@@ -88,13 +91,14 @@ def test_down_dact_multiplies_by_the_activation_derivative(kernel, M, d, H, tile
     assert torch.equal(dh2, dh)
 
 
-def test_tma_kernel_equals_the_pointer_kernel(kernel):
-    """Both GEMM variants sum each output in the same k order, so on the same tile they agree bit for bit."""
+@pytest.mark.parametrize("tma", [TMA, TMA_FLAT])
+def test_tma_kernel_equals_the_pointer_kernel(kernel, tma):
+    """The GEMM variants sum each output in the same k order, so on the same tile they agree bit for bit."""
     x, w_up, w_down, dy = _operands(96, 64, 160, seed=21)
     h0, a0 = kernel.up_act(x, w_up, 0.5, SMALL)
-    h1, a1 = kernel.up_act(x, w_up, 0.5, TMA)
+    h1, a1 = kernel.up_act(x, w_up, 0.5, tma)
     assert torch.equal(h0, h1) and torch.equal(a0, a1)
-    assert torch.equal(kernel.down_dact(dy, w_down, h0, 0.5, SMALL), kernel.down_dact(dy, w_down, h0, 0.5, TMA))
+    assert torch.equal(kernel.down_dact(dy, w_down, h0, 0.5, SMALL), kernel.down_dact(dy, w_down, h0, 0.5, tma))
 
 
 def test_tiles_shrink_to_fit_shared_memory(kernel):
@@ -113,9 +117,12 @@ def test_tile_override_from_the_environment(kernel, monkeypatch):
     x, w_up, _, _ = _operands(64, 32, 64, seed=2)
     h, _ = kernel.up_act(x, w_up, 0.5)
     _close_bf16(h, x.float() @ w_up.float().t())
-    monkeypatch.setenv("GOLFNB_MLP_TILE", "128,256")
-    with pytest.raises(ValueError, match="GOLFNB_MLP_TILE"):
-        kernel.up_act(x, w_up, 0.5)
+    monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1,2")
+    assert kernel._env_tile() == TMA_FLAT
+    for bad in ("128,256", "32,64,32,2,4,1,3"):
+        monkeypatch.setenv("GOLFNB_MLP_TILE", bad)
+        with pytest.raises(ValueError, match="GOLFNB_MLP_TILE"):
+            kernel.up_act(x, w_up, 0.5)
 
 
 def test_fp32_operands_match_the_formula_tightly(kernel):
