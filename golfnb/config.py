@@ -160,8 +160,8 @@ class Hyperparameters:
     # with the column sums of the per-channel weight gradients that read the same rows). Off by default for the
     # training graph: torch 2.11 lets it absorb dozens of such sums into one kernel that spills registers (PyTorch
     # #179423; later releases cap it at 10 loads). Turning it off shortened pr1514's step by 1.8 % before
-    # recurrence and 6.2 % after on one H100 80GB (docs/performance.md). True leaves Inductor's own setting; a torch without
-    # the option has no such fusion to turn off.
+    # recurrence and 6.2 % after on one H100 80GB (docs/performance.md). True leaves Inductor's own setting; a
+    # torch without the option has no such fusion to turn off.
     compile_mix_order_reduction: bool = False
     device: str = "auto"
 

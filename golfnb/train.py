@@ -98,26 +98,22 @@ def compile_options(cfg: Hyperparameters) -> dict[str, Any]:
     """torch.compile's keyword arguments for the training graph: the mode, and Inductor options where set.
 
     torch.compile takes a mode or an options dict, not both, so a mode other than default is spelled out as its
-    options when an option is added. A torch without the option fails here, before any data or GPU work."""
+    options when an option is added. A fusion limit on a torch without the option fails here, before any data or
+    GPU work; mix-order reduction off on such a torch asks for nothing (it has no such fusion to turn off)."""
     mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
-    # Inductor option -> (value, our setting that asks for it, the setting that asks for nothing)
-    wanted: dict[str, tuple[Any, str, str]] = {}
+    wanted: dict[str, Any] = {}
     if cfg.compile_fusion_io_limit:
-        wanted["max_fusion_unique_io_buffers"] = (cfg.compile_fusion_io_limit,
-                                                  f"compile_fusion_io_limit={cfg.compile_fusion_io_limit}",
-                                                  "compile_fusion_io_limit=0")
+        if not _inductor_has_option("max_fusion_unique_io_buffers"):
+            raise TrainingError(f"compile_fusion_io_limit={cfg.compile_fusion_io_limit} needs Inductor's "
+                                f"max_fusion_unique_io_buffers, which torch {torch.__version__} does not have; "
+                                f"set compile_fusion_io_limit=0")
+        wanted["max_fusion_unique_io_buffers"] = cfg.compile_fusion_io_limit
     if not cfg.compile_mix_order_reduction and _inductor_has_option("triton.mix_order_reduction"):
-        # a torch without the option does not fuse reductions of mixed orders: nothing to turn off
-        wanted["triton.mix_order_reduction"] = (False, "compile_mix_order_reduction=False",
-                                                "compile_mix_order_reduction=True")
+        wanted["triton.mix_order_reduction"] = False
     if not wanted:
         return mode
-    for option, (_, setting, neutral) in wanted.items():
-        if not _inductor_has_option(option):
-            raise TrainingError(f"{setting} needs Inductor's {option}, which torch {torch.__version__} does not "
-                                f"have; set {neutral}")
     opts = dict(torch._inductor.list_mode_options(mode["mode"])) if mode else {}
-    opts.update({option: value for option, (value, _, _) in wanted.items()})
+    opts.update(wanted)
     return {"options": opts}
 
 
