@@ -129,6 +129,10 @@ class Hyperparameters:
     attn_backend: str = "auto"
     ce_backend: str = "auto"  # training loss: triton = fused soft-capped CE (golfnb.fused_ce); auto = triton on CUDA
     mlp_backend: str = "auto"  # training MLP: triton = activation in its GEMMs (golfnb.fused_mlp); auto = on CUDA
+    # training attention: q, k and v from one GEMM against the three weights stacked, so x is read once and the
+    # backward's input gradient is one GEMM (K = d + 2 kv) instead of three whose outputs are then summed. Same
+    # weights, same math; without autograd (evals, GPTQ's input hooks on c_q/c_k/c_v) the three linears run.
+    merge_qkv: bool = True
 
     # ---------------------------------------------------------------- optimizer
     matrix_lr: float = 0.02

@@ -154,12 +154,17 @@ class Attention(nn.Module):
             self.c_v = CastedLinear(d, kv)
             self.proj = CastedLinear(d, d)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
+        self.merged = cfg.merge_qkv  # one q/k/v GEMM while training (Hyperparameters.merge_qkv)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: bool, backend: str,
                 w: LayerWeights | None, v_extra: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if w is None:
+        if self.merged and torch.is_grad_enabled():
+            wq, wk, wv = (self.c_q.weight, self.c_k.weight, self.c_v.weight) if w is None else (w.q, w.k, w.v)
+            qkv = F.linear(x, torch.cat((wq, wk, wv)).to(x.dtype))
+            q, k, v = qkv.split((H * D, Hk * D, Hk * D), dim=-1)
+        elif w is None:
             q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         else:
             q, k, v = (F.linear(x, t.to(x.dtype)) for t in (w.q, w.k, w.v))

@@ -2,8 +2,9 @@
 # Same model at equal steps: pr1514 trained twice, schedule by step (ITERS steps, no clock, looping from step
 # ITERS/2), seed 1337, the same shards, one arm per path, both arms at once on the one GPU (their compiles overlap
 # on the host CPUs; timings from this script are not measurements):
-#   plain  ce_backend=torch mlp_backend=torch (the reference paths: cuBLAS + Inductor only)
-#   fast   ce_backend=auto mlp_backend=auto (the fused Triton cross-entropy and MLP on CUDA)
+#   plain  ce_backend=torch mlp_backend=torch merge_qkv=false (the reference paths: cuBLAS + Inductor only)
+#   fast   ce_backend=auto mlp_backend=auto merge_qkv=true (the fused Triton cross-entropy and MLP on CUDA, one
+#          q/k/v GEMM)
 # BATCH sets train_batch_tokens (default: the record's 786,432; a smaller one shortens the check; two arms at the
 # record batch need ~80 GB together). DEADLINE (seconds, default 0 = none) stops both arms when reached, and the
 # logs written so far are still copied to $OUT.
@@ -19,8 +20,8 @@ OUT="$OUT/report_data" RUN="runs/eq_data" STAGES=none scripts/gpu_report_run.sh 
 stamp "data ready (rc=$?)"
 for ARM in plain fast; do
   case "$ARM" in
-    plain) SETS="--set ce_backend=torch --set mlp_backend=torch" ;;
-    fast) SETS="--set ce_backend=auto --set mlp_backend=auto" ;;
+    plain) SETS="--set ce_backend=torch --set mlp_backend=torch --set merge_qkv=false" ;;
+    fast) SETS="--set ce_backend=auto --set mlp_backend=auto --set merge_qkv=true" ;;
   esac
   OUT="$OUT/report_$ARM" RUN="runs/eq_$ARM" TRAIN_SECONDS=0 STAGES=train \
     EXTRA_SETS="--set iterations=$ITERS --set seed=1337 --set train_batch_tokens=$BATCH $SETS" \

@@ -304,3 +304,39 @@ def test_embedding_master_weights_are_bf16_when_configured():
     m = build_model(preset("smoke"))
     assert m.tok_emb.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if n != "tok_emb.weight")
+
+
+@pytest.mark.parametrize("banked", [False, True], ids=["unbanked", "banked"])
+def test_merged_qkv_gemm_equals_three_linears(banked):
+    """merge_qkv computes q, k, v with one GEMM while training: loss and every gradient equal the three-linear
+    path's; without autograd the three modules run (GPTQ hooks their inputs)."""
+    cfg = narrow(bank_params=banked, ve_dim=16, ve_layers=(9, 10))
+    models = {}
+    for merged in (True, False):
+        m = randomize(build_model(cfg.replace(merge_qkv=merged)), seed=3)
+        m.looping_active = True
+        models[merged] = m
+    t = ids()
+    losses, grads = {}, {}
+    for merged, m in models.items():
+        assert all(b.attn.merged is merged for b in m.blocks)
+        losses[merged] = m(t, t)
+        losses[merged].backward()
+        grads[merged] = {n: p.grad for n, p in m.named_parameters()}
+    assert torch.allclose(losses[True], losses[False], atol=1e-6, rtol=0)
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[True].items():
+        ref = grads[False][n]
+        assert (g is None) == (ref is None), n
+        if g is not None:
+            assert torch.allclose(g, ref, atol=1e-6, rtol=1e-5), n
+
+    if not banked:
+        seen = []
+        hook = models[True].blocks[0].attn.c_k.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+        models[True](t, t).backward()
+        assert seen == []  # training: the merged GEMM, not the module
+        with torch.no_grad():
+            models[True].forward_logits(t)
+        hook.remove()
+        assert seen == [torch.Size([2, 64, 64])]
