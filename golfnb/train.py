@@ -75,7 +75,7 @@ INTERRUPT_EXIT_CODE = 143  # 128 + SIGTERM: the run stopped on a signal after wr
 RESUMABLE_FIELDS = frozenset({"data_path", "tokenizer_path", "checkpoint_every_seconds", "train_log_every",
                               "val_loss_every", "compile_mode", "compile_fusion_io_limit",
                               "compile_mix_order_reduction", "attn_backend", "ce_backend", "mlp_backend",
-                              "eval_compile", "prune_workers"})
+                              "merge_qkv", "eval_compile", "prune_workers"})
 
 
 class TrainingError(RuntimeError):
