@@ -212,13 +212,16 @@ def test_model_loss_and_every_gradient_agree_between_backends(kernel, banked, co
         loss = f(ids, tgt)
         loss.backward()
         losses.append(loss.detach())
-        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert calls == {"up_act": cfg.num_layers, "down_dact": cfg.num_layers}, calls
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys()
     assert any("fc" in n or "up" in n for n in grads[1]), list(grads[1])
     for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=2e-3, atol=2e-5, msg=n)
+        # the tied embedding keeps bf16 master weights, so its gradient is bf16: a changed summation order may
+        # round an element one bf16 step the other way, and no closer agreement can be asked of it
+        rtol = BF16_STEP if grads[0][n].dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(grads[1][n].float(), grads[0][n].float(), rtol=rtol, atol=2e-5, msg=n)
 
 
 def test_without_autograd_the_plain_path_runs_so_gptq_hooks_see_the_inputs(kernel):
