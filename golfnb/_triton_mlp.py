@@ -28,12 +28,16 @@ import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md).
+# H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md): the flattened
+# descriptor kernel at 128 x 128 x 64, 4 stages, was the fastest of twelve tiles at pr1514's shapes.
 # GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages[,tma]" overrides them for experiments;
-# tma=1 picks _mm_act_tma_kernel (descriptor loads and stores, persistent programs), tma=2 the same kernel with
-# its tile and k loops flattened into one pipelined loop (the next tile's loads overlap this tile's epilogue).
+# tma=0 picks _mm_act_kernel (pointer loads, one program per tile), tma=1 _mm_act_tma_kernel (descriptor loads
+# and stores, persistent programs), tma=2 the same kernel with its tile and k loops flattened into one
+# pipelined loop (the next tile's loads overlap this tile's epilogue). GPUs older than Hopper have no tensor
+# memory accelerator; they run the pointer kernel with the same blocks.
 TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
-DEFAULT_TILE = {"block_m": 256, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
+DEFAULT_TILE = {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
+                "tma": 2}
 SMEM_BYTES = 160 * 1024  # the staged A and B tiles; the H100 has 227 KB per block and the epilogue needs some
 
 
@@ -178,6 +182,15 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few programs, so that the persistent loop is exercised
 
 
+def kernel_variant(tile: dict, device: torch.device) -> int:
+    """The tile's tma option where the device can run it: 0 (the pointer kernel) on CUDA GPUs before Hopper
+    (compute capability 9), whose Triton lowering of descriptor loads was never measured here."""
+    tma = int(tile.get("tma", 0))
+    if tma and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return 0
+    return tma
+
+
 def fit_tile(tile: dict, element_size: int) -> dict:
     """The tile with fewer pipeline stages, then a shallower k step, until its staged A and B tiles fit in
     SMEM_BYTES. The defaults are sized for bf16; fp32 operands (tests, the smoke model) need half the depth."""
@@ -200,7 +213,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tens
         return
     t = fit_tile(t, a.element_size())
     bm, bn = t["block_m"], t["block_n"]
-    if t.get("tma"):
+    if kernel_variant(t, a.device):
         # descriptors need a unit last stride: the up weight's transpose is read as the [N, K] weight itself
         b_nk = b.stride(0) == 1 and b.stride(1) != 1
         _launch_tma(a.contiguous(), b.t() if b_nk else b.contiguous(), b_nk, out, aux, slope, backward, t)

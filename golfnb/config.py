@@ -132,7 +132,7 @@ class Hyperparameters:
     # training attention: q, k and v from one GEMM against the three weights stacked, so x is read once and the
     # backward's input gradient is one GEMM (K = d + 2 kv) instead of three whose outputs are then summed. Same
     # weights, same math; without autograd (evals, GPTQ's input hooks on c_q/c_k/c_v) the three linears run.
-    # Off until measured on a GPU (docs/performance.md gives the prediction and the command).
+    # Measured on pr1514 (one H100): no faster (the stacking and the gradient split cost what it saves), so off.
     merge_qkv: bool = False
 
     # ---------------------------------------------------------------- optimizer
