@@ -30,7 +30,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # H100 defaults, chosen by the block sweep of scripts/gpu_mlp_check.sh (docs/performance.md): the flattened
 # descriptor kernel at 128 x 128 x 64, 4 stages, was the fastest of twelve tiles at pr1514's shapes.
-# GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages[,tma]" overrides them for experiments;
+# GOLFNB_MLP_TILE="block_m,block_n,block_k,group_m,num_warps,num_stages[,tma]" overrides them for experiments
+# (like a tile passed in, it runs the pointer kernel unless it names tma);
 # tma=0 picks _mm_act_kernel (pointer loads, one program per tile), tma=1 _mm_act_tma_kernel (descriptor loads
 # and stores, persistent programs), tma=2 the same kernel with its tile and k loops flattened into one
 # pipelined loop (the next tile's loads overlap this tile's epilogue). GPUs older than Hopper have no tensor
@@ -49,7 +50,7 @@ def _env_tile() -> dict:
     if len(parts) not in (len(TILE_KEYS), len(TILE_KEYS) + 1) or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: want six integers {','.join(TILE_KEYS)} and optionally a "
                          f"seventh, tma (0/1/2), e.g. 256,128,64,8,8,3 or 128,256,64,8,8,3,1")
-    tile = dict(zip(TILE_KEYS + ("tma",), (int(p) for p in parts)))
+    tile = {"tma": 0, **dict(zip(TILE_KEYS + ("tma",), (int(p) for p in parts)))}  # six numbers: pointer kernel
     if tile.get("tma", 0) not in (0, 1, 2):
         raise ValueError(f"GOLFNB_MLP_TILE={raw!r}: the seventh number, tma, is 0 (pointer loads), 1 (descriptor "
                          f"loads, persistent programs) or 2 (the same, tile and k loops flattened)")
@@ -182,6 +183,14 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few programs, so that the persistent loop is exercised
 
 
+def resolve_tile(tile: dict | None = None) -> dict:
+    """The tile a launch uses: `tile`, else GOLFNB_MLP_TILE, else DEFAULT_TILE. An explicit tile that does not
+    name `tma` runs the pointer kernel (tma=0), not the default's descriptor kernel."""
+    if tile:
+        return {**DEFAULT_TILE, "tma": 0, **tile}
+    return {**DEFAULT_TILE, **_env_tile()}
+
+
 def kernel_variant(tile: dict, device: torch.device) -> int:
     """The tile's tma option where the device can run it: 0 (the pointer kernel) on CUDA GPUs before Hopper
     (compute capability 9), whose Triton lowering of descriptor loads was never measured here."""
@@ -206,7 +215,7 @@ def fit_tile(tile: dict, element_size: int) -> dict:
 
 def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, slope: float, backward: bool,
             tile: dict | None) -> None:
-    t = {**DEFAULT_TILE, **_env_tile(), **(tile or {})}
+    t = resolve_tile(tile)
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:

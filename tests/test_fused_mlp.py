@@ -130,6 +130,12 @@ def test_tile_override_from_the_environment(kernel, monkeypatch):
     _close_bf16(h, x.float() @ w_up.float().t())
     monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1,2")
     assert kernel._env_tile() == TMA_FLAT
+    monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1")  # six numbers: the pointer kernel
+    assert kernel.resolve_tile() == {**SMALL, "tma": 0}
+    monkeypatch.delenv("GOLFNB_MLP_TILE")
+    assert kernel.resolve_tile() == kernel.DEFAULT_TILE
+    assert kernel.resolve_tile(SMALL) == {**SMALL, "tma": 0}  # the tests' SMALL tile is the pointer kernel
+    assert kernel.resolve_tile(TMA) == TMA
     for bad in ("128,256", "32,64,32,2,4,1,3"):
         monkeypatch.setenv("GOLFNB_MLP_TILE", bad)
         with pytest.raises(ValueError, match="GOLFNB_MLP_TILE"):
