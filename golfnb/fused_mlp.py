@@ -68,20 +68,60 @@ def _mlp_down_dact_fake(dy, w_down, h, slope):
     return h.new_empty(h.shape)
 
 
+@torch.library.custom_op("golfnb::mlp_up_act_signs", mutates_args=())
+def _mlp_up_act_signs(x: torch.Tensor, w_up: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from golfnb import _triton_mlp
+
+    return _triton_mlp.up_act_signs(x, w_up, slope)
+
+
+@_mlp_up_act_signs.register_fake
+def _mlp_up_act_signs_fake(x, w_up, slope):
+    rows, hidden = x.shape[0], w_up.shape[0]
+    return x.new_empty(rows, hidden), x.new_empty(rows, (hidden + 7) // 8, dtype=torch.uint8)
+
+
+@torch.library.custom_op("golfnb::mlp_down_dact_signs", mutates_args=())
+def _mlp_down_dact_signs(dy: torch.Tensor, w_down: torch.Tensor, a: torch.Tensor, signs: torch.Tensor,
+                         slope: float) -> torch.Tensor:
+    from golfnb import _triton_mlp
+
+    return _triton_mlp.down_dact_signs(dy, w_down, a, signs, slope)
+
+
+@_mlp_down_dact_signs.register_fake
+def _mlp_down_dact_signs_fake(dy, w_down, a, signs, slope):
+    return a.new_empty(a.shape)
+
+
+def _keeps_signs() -> bool:
+    """Whether the backward works from a and the signs of h (tile option sign_mask) rather than from h."""
+    from golfnb import _triton_mlp
+
+    return bool(_triton_mlp.resolve_tile()["sign_mask"])
+
+
 class _FusedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, slope):
-        h, a = _mlp_up_act(x, w_up, slope)
+        ctx.signs = _keeps_signs()
+        if ctx.signs:  # h is never written: a and one bit of h per element are what the backward needs
+            a, keep = _mlp_up_act_signs(x, w_up, slope)
+        else:
+            keep, a = _mlp_up_act(x, w_up, slope)
         y = a @ w_down.t()
-        ctx.save_for_backward(x, w_up, w_down, h, a)
+        ctx.save_for_backward(x, w_up, w_down, keep, a)
         ctx.slope = slope
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_up, w_down, h, a = ctx.saved_tensors
+        x, w_up, w_down, keep, a = ctx.saved_tensors
         dy = dy.contiguous()
-        dh = _mlp_down_dact(dy, w_down, h, ctx.slope)
+        if ctx.signs:
+            dh = _mlp_down_dact_signs(dy, w_down, a, keep, ctx.slope)
+        else:
+            dh = _mlp_down_dact(dy, w_down, keep, ctx.slope)
         grad_x = dh @ w_up if ctx.needs_input_grad[0] else None
         grad_up = dh.t() @ x if ctx.needs_input_grad[1] else None
         grad_down = dy.t() @ a if ctx.needs_input_grad[2] else None

@@ -25,6 +25,9 @@ DEV = "cuda" if CUDA else "cpu"
 SMALL = dict(block_m=32, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)  # interpreter-sized tiles
 TMA = {**SMALL, "tma": 1}
 TMA_FLAT = {**SMALL, "tma": 2}
+# the descriptor kernel's other options: warp specialisation, and the epilogue in two halves with h loaded early
+TMA_VARIANTS = [TMA, TMA_FLAT, {**SMALL, "tma": 3}, {**SMALL, "tma": 2, "split": 2, "early_aux": 1},
+                {**SMALL, "tma": 1, "split": 2}, {**SMALL, "tma": 3, "split": 2, "early_aux": 1}]
 BF16_STEP = 2.0 ** -7  # relative spacing of bf16 numbers: one step of truncation
 
 
@@ -91,7 +94,8 @@ def test_down_dact_multiplies_by_the_activation_derivative(kernel, M, d, H, tile
     assert torch.equal(dh2, dh)
 
 
-@pytest.mark.parametrize("tma", [TMA, TMA_FLAT])
+@pytest.mark.parametrize("tma", TMA_VARIANTS, ids=lambda t: "tma{tma}-split{split}-early{early_aux}".format(
+    **{"split": 1, "early_aux": 0, **t}))
 def test_tma_kernel_equals_the_pointer_kernel(kernel, tma):
     """The GEMM variants sum each output in the same k order, so on the same tile they agree bit for bit."""
     x, w_up, w_down, dy = _operands(96, 64, 160, seed=21)
@@ -130,13 +134,20 @@ def test_tile_override_from_the_environment(kernel, monkeypatch):
     _close_bf16(h, x.float() @ w_up.float().t())
     monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1,2")
     assert kernel._env_tile() == TMA_FLAT
+    monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1,3,2,1")
+    assert kernel._env_tile() == {**SMALL, "tma": 3, "split": 2, "early_aux": 1}
     monkeypatch.setenv("GOLFNB_MLP_TILE", "32,64,32,2,4,1")  # six numbers: the pointer kernel
-    assert kernel.resolve_tile() == {**SMALL, "tma": 0}
+    assert kernel.resolve_tile() == {**kernel.DEFAULT_TILE, **SMALL, "tma": 0}
     monkeypatch.delenv("GOLFNB_MLP_TILE")
     assert kernel.resolve_tile() == kernel.DEFAULT_TILE
-    assert kernel.resolve_tile(SMALL) == {**SMALL, "tma": 0}  # the tests' SMALL tile is the pointer kernel
-    assert kernel.resolve_tile(TMA) == TMA
-    for bad in ("128,256", "32,64,32,2,4,1,3"):
+    # the tests' SMALL tile is the pointer kernel
+    assert kernel.resolve_tile(SMALL) == {**kernel.DEFAULT_TILE, **SMALL, "tma": 0}
+    assert kernel.resolve_tile(TMA) == {**kernel.DEFAULT_TILE, **TMA}
+    with pytest.raises(ValueError, match="unknown tile keys"):
+        kernel.resolve_tile({**SMALL, "stages": 3})
+    with pytest.raises(ValueError, match="split=3"):
+        kernel.resolve_tile({**SMALL, "tma": 2, "split": 3})
+    for bad in ("128,256", "32,64,32,2,4,1,4", "32,64,32,2,4,1,2,3", "32,64,32,2,4,1,2,1,0,5"):
         monkeypatch.setenv("GOLFNB_MLP_TILE", bad)
         with pytest.raises(ValueError, match="GOLFNB_MLP_TILE"):
             kernel.up_act(x, w_up, 0.5)
@@ -154,10 +165,50 @@ def test_fp32_operands_match_the_formula_tightly(kernel):
     torch.testing.assert_close(dh, (dy @ w_down) * torch.where(h > 0, 2 * h, 0.5 * h), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tile,H", [(SMALL, 164), (TMA_FLAT, 168), (TMA_FLAT, 164),
+                                    ({**SMALL, "tma": 2, "split": 2, "early_aux": 1}, 168), ({**SMALL, "tma": 3}, 168)],
+                         ids=["pointer", "flat", "flat-unaligned", "flat-split-early", "ws"])
+def test_sign_mask_kernels_match_the_h_kernels(kernel, tile, H):
+    """The sign-mask mode writes a (bit for bit as up_act) and one bit per h instead of h; its backward, from
+    sqrt(a) and the sign, is the h-based dh to bf16 rounding (sqrt(a) is |leaky_relu(h)| to half a bf16 step).
+    H is not a multiple of the tile; 164 is not one of 8 either (the last byte of each row is partly padding),
+    nor are its bf16 rows a multiple of 16 bytes, which descriptors need: that shape runs the pointer kernel."""
+    M, d = 96, 48
+    x, w_up, w_down, dy = _operands(M, d, H, seed=31)
+    h, a = kernel.up_act(x, w_up, 0.5, tile)
+    a2, signs = kernel.up_act_signs(x, w_up, 0.5, tile)
+    assert torch.equal(a2, a)
+    assert signs.dtype == torch.uint8 and signs.shape == (M, (H + 7) // 8)
+    bits = ((signs[:, :, None].int() >> torch.arange(8, device=signs.device)) & 1).reshape(M, -1)[:, :H]
+    assert torch.equal(bits.bool(), h > 0)
+    dh = kernel.down_dact(dy, w_down, h, 0.5, tile)
+    _close_bf16(kernel.down_dact_signs(dy, w_down, a2, signs, 0.5, tile), dh, steps=2.0)
+    with pytest.raises(ValueError, match="signs uint8"):
+        kernel.down_dact_signs(dy, w_down, a2, signs[:, 1:], 0.5, tile)
+
+
+def test_sign_mask_backward_is_the_derivative_in_fp32(kernel):
+    if CUDA:
+        pytest.skip("on the GPU fp32 dot products run in TF32; the bf16 test covers the GPU")
+    x, w_up, w_down, dy = _operands(64, 64, 128, seed=32, dtype=torch.float32)
+    for slope in (0.5, 0.0):  # leaky_relu^2 and relu^2
+        a, signs = kernel.up_act_signs(x, w_up, slope, SMALL)
+        h = x @ w_up.t()
+        want = (dy @ w_down) * torch.where(h > 0, 2 * h, 2 * slope * slope * h)
+        torch.testing.assert_close(kernel.down_dact_signs(dy, w_down, a, signs, slope, SMALL), want,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("signs", [False, True], ids=["keeps-h", "keeps-signs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mlp_output_and_gradients_match_autograd_of_the_plain_path(kernel, dtype):
+def test_fused_mlp_output_and_gradients_match_autograd_of_the_plain_path(kernel, dtype, signs, monkeypatch):
     if CUDA and dtype == torch.float32:
         pytest.skip("on the GPU fp32 dot products run in TF32")
+    monkeypatch.setitem(kernel.DEFAULT_TILE, "sign_mask", int(signs))
+    launched = []
+    for name in ("up_act", "up_act_signs"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _f=real, _n=name, **k: launched.append(_n) or _f(*a, **k))
     g = torch.Generator().manual_seed(11)
     x0 = torch.randn(3, 40, 48, generator=g).to(DEV, dtype)  # [B, T, d]: the wrapper flattens the rows
     u0 = (torch.randn(160, 48, generator=g) / 7).to(DEV, dtype)
@@ -181,6 +232,7 @@ def test_fused_mlp_output_and_gradients_match_autograd_of_the_plain_path(kernel,
         scale = exact.abs().max().item()
         err = {n: ((out[n][k].double() - exact).abs().max() / scale).item() for n in ("fused", "plain")}
         assert err["fused"] <= max(3 * err["plain"], 2 ** -6), (k, err)
+    assert launched == ["up_act_signs" if signs else "up_act"]
 
 
 def test_fused_mlp_traces_under_torch_compile(kernel):
