@@ -41,11 +41,16 @@ def test_an_unreadable_cache_file_means_a_cold_start(tmp_path, monkeypatch):
     assert compile_cache.load(preset("smoke", model_dim=32), "cpu", 1).source is None  # other key: nothing found
 
 
+# the compiling tests build a three-layer smoke model (every block kind still present: looped, XSA, parallel):
+# Inductor's CPU compile of the five-layer one made these four tests a quarter of the suite's time
+THREE_LAYERS = dict(num_layers=3, xsa_last_n=3, parallel_start_layer=2)
+
 _TRAIN = """
 import json, sys
 from golfnb.config import preset
 from golfnb.train import train
-cfg = preset("smoke", compile_mode="default", num_loops=0, iterations=2, warmup_steps=1, val_loss_every=0,
+cfg = preset("smoke", num_layers=3, xsa_last_n=3, parallel_start_layer=2,  # three layers: a shorter CPU compile
+             compile_mode="default", num_loops=0, iterations=2, warmup_steps=1, val_loss_every=0,
              max_val_tokens=1024, data_path=sys.argv[2], tokenizer_path=sys.argv[3])
 s = train(cfg, sys.argv[1])
 print("SUMMARY " + json.dumps({k: s[k] for k in ("warmup_s", "compile_cache", "val_loss", "val_bpb")}))
@@ -112,7 +117,8 @@ from golfnb.config import preset
 from golfnb.data.shards import open_shard
 from golfnb.evals.runner import run_method
 from golfnb.legality import make_check_model
-cfg = preset("smoke", eval_compile="on", eval_seq_len=64, eval_stride=32, eval_batch_seqs=4, eval_budget_seconds=0.0)
+cfg = preset("smoke", num_layers=3, xsa_last_n=3, parallel_start_layer=2, eval_compile="on", eval_seq_len=64,
+             eval_stride=32, eval_batch_seqs=4, eval_budget_seconds=0.0)
 stream = torch.from_numpy(np.asarray(open_shard(sys.argv[1])[:513]).astype(np.int64))
 luts = build_byte_luts(sys.argv[2], 1024)
 t0 = time.perf_counter()
@@ -182,7 +188,7 @@ def test_fusion_io_limit_reaches_inductor_and_changes_nothing_computed(monkeypat
     from golfnb.model import build_model
     from golfnb.train import TrainingError, compile_options
 
-    base = preset("smoke").replace(compile_mode="default", compile_mix_order_reduction=True)
+    base = preset("smoke", **THREE_LAYERS).replace(compile_mode="default", compile_mix_order_reduction=True)
     assert compile_options(base) == {}
     assert compile_options(base.replace(compile_mode="max-autotune-no-cudagraphs")) == {
         "mode": "max-autotune-no-cudagraphs"}
@@ -234,7 +240,7 @@ def test_mix_order_reduction_switch_reaches_inductor(monkeypatch):
     from golfnb.model import build_model
     from golfnb.train import compile_options
 
-    off = preset("smoke").replace(compile_mode="default")
+    off = preset("smoke", **THREE_LAYERS).replace(compile_mode="default")
     assert off.compile_mix_order_reduction is False and preset("pr1514").compile_mix_order_reduction is False
     base = off.replace(compile_mix_order_reduction=True)
     assert compile_options(base) == {}
