@@ -61,8 +61,8 @@ def check_tile(tile: dict, where: str) -> dict:
         if key in tile and tile[key] not in allowed:
             raise ValueError(f"{where}: {key}={tile[key]} is not one of {allowed} (tma: 0 pointer loads, 1 "
                              f"descriptor loads with persistent programs, 2 the same with flattened loops, 3 the "
-                             f"same warp-specialized; split: epilogue halves; early_aux: load h before the k loop; sign_mask: "
-                             f"keep the signs of h instead of h)")
+                             f"same warp-specialized; split: epilogue halves; early_aux: load h before the k "
+                             f"loop; sign_mask: keep the signs of h instead of h)")
     return tile
 
 
@@ -140,10 +140,10 @@ def _mm_act_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, mask_ptr, M, N, K,
 
     o_off = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    # sign-mask mode: bytes of 8 columns; a tile's bytes are columns pid_n * BLOCK_N / 8 onwards
-    offs_b = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    b_off = offs_m[:, None] * stride_mask + offs_b[None, :]
-    b_ok = (offs_m[:, None] < M) & (offs_b[None, :] < tl.cdiv(N, 8))
+    if SIGN_MASK:  # bytes of 8 columns; a tile's bytes are columns pid_n * BLOCK_N / 8 onwards
+        offs_b = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        b_off = offs_m[:, None] * stride_mask + offs_b[None, :]
+        b_ok = (offs_m[:, None] < M) & (offs_b[None, :] < tl.cdiv(N, 8))
     if BACKWARD:
         if EVEN_MN:
             h = tl.load(aux_ptr + o_off).to(tl.float32)
@@ -382,10 +382,6 @@ def down_dact(dy: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor, slope: fl
     return dh
 
 
-def _signs_like(h_shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    return torch.empty(h_shape[0], triton.cdiv(h_shape[1], 8), dtype=torch.uint8, device=device)
-
-
 def up_act_signs(x: torch.Tensor, w_up: torch.Tensor, slope: float, tile: dict | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, signs): a = leaky_relu(x @ w_up^T, slope)^2 as `up_act` computes it, and the signs of h packed eight
@@ -394,7 +390,7 @@ def up_act_signs(x: torch.Tensor, w_up: torch.Tensor, slope: float, tile: dict |
     b = w_up.t()
     _check("up_act_signs", x, b)
     a = torch.empty(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
-    signs = _signs_like(a.shape, x.device)
+    signs = torch.empty(a.shape[0], triton.cdiv(a.shape[1], 8), dtype=torch.uint8, device=x.device)
     _launch(x, b, a, a, slope, False, tile, signs)  # `out` is a placeholder in this mode
     return a, signs
 
