@@ -5,6 +5,8 @@
 #   plain  ce_backend=torch mlp_backend=torch merge_qkv=false (the reference paths: cuBLAS + Inductor only)
 #   fast   ce_backend=auto mlp_backend=auto merge_qkv=true (the fused Triton cross-entropy and MLP on CUDA, one
 #          q/k/v GEMM)
+# FAST_EXTRA adds --set options to the fast arm only (e.g. "--set attn_backend=cudnn_fa4" where FlashAttention-4 is
+# installed; the plain arm then keeps cuDNN SDPA, resolved by auto).
 # BATCH sets train_batch_tokens (default: the record's 786,432; a smaller one shortens the check; two arms at the
 # record batch need ~80 GB together). DEADLINE (seconds, default 0 = none) stops both arms when reached, and the
 # logs written so far are still copied to $OUT.
@@ -21,7 +23,7 @@ stamp "data ready (rc=$?)"
 for ARM in plain fast; do
   case "$ARM" in
     plain) SETS="--set ce_backend=torch --set mlp_backend=torch --set merge_qkv=false" ;;
-    fast) SETS="--set ce_backend=auto --set mlp_backend=auto --set merge_qkv=true" ;;
+    fast) SETS="--set ce_backend=auto --set mlp_backend=auto --set merge_qkv=true ${FAST_EXTRA:-}" ;;
   esac
   OUT="$OUT/report_$ARM" RUN="runs/eq_$ARM" TRAIN_SECONDS=0 STAGES=train \
     EXTRA_SETS="--set iterations=$ITERS --set seed=1337 --set train_batch_tokens=$BATCH $SETS" \

@@ -1,0 +1,182 @@
+"""The FlashAttention-4 backend's wrapper: custom ops, fake shapes, autograd wiring, availability.
+
+The kernels themselves need a Hopper/Blackwell GPU and the flash-attn-4 package (the GPU test below, run
+where both exist); on CPU the wrapper runs with `golfnb._fa4.kernels` swapped for an explicit fp64
+reference, so every step but the kernel call is checked: argument order into the backward, the
+log-sum-exp's shape, GQA head counts, and that torch.compile traces the ops without breaking its graph.
+"""
+import math
+
+import pytest
+import torch
+
+from golfnb import _fa4
+from golfnb.attention import attention, available_backends, resolve_backend
+
+
+def _ref_fwd(q, k, v, causal):
+    """softmax(q k^T / sqrt(D)) v with its log-sum-exp [B, H, T], GQA by head groups (FlashAttention's layout)."""
+    B, T, H, D = q.shape
+    g = H // k.shape[2]
+    qf = q.double().transpose(1, 2)
+    kf = k.double().repeat_interleave(g, dim=2).transpose(1, 2)
+    vf = v.double().repeat_interleave(g, dim=2).transpose(1, 2)
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype), lse.float()
+
+
+def _ref_bwd(dout, q, k, v, out, lse, causal):
+    """The attention backward written out in fp64 (the custom op runs below autograd, so no autograd here):
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D), K/V
+    gradients summed over each KV head's query-head group. Checks that out and lse are the forward's."""
+    o2, l2 = _ref_fwd(q, k, v, causal)
+    assert torch.allclose(o2, out) and torch.allclose(l2, lse), "backward got another forward's out/lse"
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    g = H // Hk
+    qf, do, of = (t.double().transpose(1, 2) for t in (q, dout, out))
+    kf = k.double().repeat_interleave(g, dim=2).transpose(1, 2)
+    vf = v.double().repeat_interleave(g, dim=2).transpose(1, 2)
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vf.transpose(-1, -2) - (do * of).sum(-1, keepdim=True))
+    dq = ds @ kf / math.sqrt(D)
+    dk = ds.transpose(-1, -2) @ qf / math.sqrt(D)
+    fold = lambda t: t.reshape(B, Hk, g, T, D).sum(2).transpose(1, 2)  # noqa: E731
+    return dq.transpose(1, 2).to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    calls = []
+
+    def fwd(q, k, v, causal):
+        calls.append("fwd")
+        return _ref_fwd(q, k, v, causal)
+
+    def bwd(*args):
+        calls.append("bwd")
+        return _ref_bwd(*args)
+
+    def cudnn(q, k, v, causal):
+        calls.append("cudnn")
+        return _ref_fwd(q, k, v, causal)
+
+    monkeypatch.setattr(_fa4, "kernels", lambda: (fwd, bwd))
+    monkeypatch.setattr(_fa4, "cudnn_forward", cudnn)
+    return calls
+
+
+def _qkv(B=2, T=24, H=8, Hk=4, D=16, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(B, T, h, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
+
+
+@pytest.mark.parametrize("forward", ["fa4", "cudnn"])
+def test_fa4_wrapper_output_and_gradients_match_math(reference_kernels, forward):
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out = _fa4.fa4_attention(q, k, v, causal=True, forward=forward)
+    qm, km, vm = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention(qm, km, vm, backend="math")
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 2e-2
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * w).sum().backward()
+    (ref * w).sum().backward()
+    for got, want, name in ((q.grad, qm.grad, "q"), (k.grad, km.grad, "k"), (v.grad, vm.grad, "v")):
+        assert got.shape == want.shape, name
+        rel = (got.float() - want).norm() / want.norm()
+        assert rel < 2e-2, f"d{name} off by {rel:.3g} relative"
+    assert reference_kernels == [forward if forward == "cudnn" else "fwd", "bwd"]
+
+
+def test_fa4_fake_shapes_follow_flash_attention_layout():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(3, 40, 8, 64, dtype=torch.bfloat16)
+        k = torch.empty(3, 40, 2, 64, dtype=torch.bfloat16)
+        v = torch.empty(3, 40, 2, 64, dtype=torch.bfloat16)
+        out, lse = torch.ops.golfnb.fa4_fwd(q, k, v, True)
+        dq, dk, dv = torch.ops.golfnb.fa4_bwd(out, q, k, v, out, lse, True)
+    assert tuple(out.shape) == (3, 40, 8, 64) and out.dtype == torch.bfloat16
+    assert tuple(lse.shape) == (3, 8, 40) and lse.dtype == torch.float32
+    assert [tuple(t.shape) for t in (dq, dk, dv)] == [(3, 40, 8, 64), (3, 40, 2, 64), (3, 40, 2, 64)]
+
+
+def test_fa4_ops_trace_under_compile_without_graph_breaks(reference_kernels):
+    """Dynamo sees the custom ops as single nodes (fullgraph=True fails on a break) and AOT autograd
+    differentiates through them with the registered backward."""
+    q, k, v = (t.requires_grad_() for t in _qkv(T=16))
+
+    def f(q, k, v):
+        return (_fa4.fa4_attention(q * 1.0, k, v, causal=True).float() ** 2).sum()
+
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    loss.backward()
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    f(qe, ke, ve).backward()
+    assert torch.allclose(q.grad, qe.grad) and torch.allclose(k.grad, ke.grad) and torch.allclose(v.grad, ve.grad)
+
+
+def test_fa4_rejects_fp32_and_bad_head_counts_with_a_fix():
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(ValueError, match="bf16"):
+        _fa4.fa4_attention(q, k, v)
+    q, k, v = _qkv(H=6, Hk=4)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        _fa4.fa4_attention(q, k, v)
+
+
+def test_fa4_is_never_offered_on_cpu_and_asking_for_it_says_what_to_set():
+    assert "fa4" not in available_backends("cpu") and "cudnn_fa4" not in available_backends("cpu")
+    for name in ("fa4", "cudnn_fa4"):
+        with pytest.raises(ValueError, match="attn_backend=auto"):
+            resolve_backend(name, "cpu")
+    with pytest.raises(ValueError, match="'fa4' or 'cudnn'"):
+        _fa4.fa4_attention(*_qkv(), forward="flash")
+    assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+def test_fa2_detection_ignores_the_fa4_namespace(monkeypatch):
+    """flash-attn-4 installs a `flash_attn` package holding only `cute`: that is not FlashAttention-2."""
+    from golfnb import attention as A
+
+    seen = []
+    monkeypatch.setattr(A, "_has_module", lambda name: seen.append(name) or name == "flash_attn.cute")
+    A._fa2_available.cache_clear()
+    A._fa4_available.cache_clear()
+    try:
+        assert A._fa4_available() and not A._fa2_available()
+        assert "flash_attn.flash_attn_interface" in seen
+    finally:
+        A._fa2_available.cache_clear()
+        A._fa4_available.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["fa4", "cudnn_fa4"])
+def test_gpu_fa4_forward_and_gradients_agree_with_math(backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend}: flash-attn-4 not installed or not a Hopper/Blackwell GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1024, h, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 4, 4))
+    out = attention(q, k, v, backend=backend)
+    qm, km, vm = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention(qm, km, vm, backend="math")
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
+    w = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for got, want, name in ((q.grad, qm.grad, "q"), (k.grad, km.grad, "k"), (v.grad, vm.grad, "v")):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 2e-2, f"d{name} off by {rel:.3g} relative"
