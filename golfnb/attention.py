@@ -166,6 +166,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return _math_attention(q, k, v, causal)
     if backend == "fa3":
         return _fa3(q, k, v, causal)
+    if backend == "cudnn_fa4" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
+        backend = "sdpa_cudnn"  # nothing to differentiate (evals): cuDNN's forward alone, no log-sum-exp kept
     if backend in ("fa4", "cudnn_fa4"):
         from golfnb._fa4 import fa4_attention  # registers its custom ops on first use
 

@@ -126,6 +126,21 @@ def test_fa4_ops_trace_under_compile_without_graph_breaks(reference_kernels):
     assert torch.allclose(q.grad, qe.grad) and torch.allclose(k.grad, ke.grad) and torch.allclose(v.grad, ve.grad)
 
 
+def test_cudnn_fa4_without_gradients_is_plain_cudnn_sdpa(monkeypatch, reference_kernels):
+    """Evals (no autograd) skip the custom ops: cuDNN's SDPA alone, without keeping the log-sum-exp."""
+    from golfnb import attention as A
+
+    seen = []
+    monkeypatch.setattr(A, "_sdpa", lambda q, k, v, causal, backend: seen.append(backend) or q)
+    q, k, v = _qkv()
+    with torch.no_grad():
+        A.attention(q, k, v, backend="cudnn_fa4")
+    A.attention(q, k, v, backend="cudnn_fa4")  # no input requires grad
+    assert seen == ["sdpa_cudnn", "sdpa_cudnn"] and reference_kernels == []
+    A.attention(q.requires_grad_(), k, v, backend="cudnn_fa4")
+    assert reference_kernels == ["cudnn"] and seen == ["sdpa_cudnn", "sdpa_cudnn"]
+
+
 def test_fa4_rejects_fp32_and_bad_head_counts_with_a_fix():
     q, k, v = _qkv(dtype=torch.float32)
     with pytest.raises(ValueError, match="bf16"):
