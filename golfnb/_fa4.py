@@ -8,16 +8,16 @@ sees attention as two kernels with known output shapes.
 
 Layout is FlashAttention's: q [B, T, H, D], k / v [B, T, Hk, D] with H a multiple of Hk (GQA handled by the
 kernels themselves, no expansion of K/V). The forward returns the output and the log-sum-exp [B, H, T]
-(fp32) that the backward needs. A second forward op runs cuDNN's SDPA forward instead (faster than FA4's on
-Hopper at head_dim 64) and hands its log-sum-exp to the same FA4 backward: backend ``cudnn_fa4``.
+(fp32) that the backward needs.
 
-Only imported when `attn_backend` is ``fa4`` or ``cudnn_fa4``; golfnb never downloads kernels (install `flash-attn-4` yourself; `docs/performance.md` says what was measured with it).
+Only imported when `attn_backend=fa4`; golfnb never downloads kernels (install `flash-attn-4` yourself, or
+`scripts/make_fa4_bundle.sh` for an offline machine; `docs/performance.md` says what was measured with it).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["fa4_attention", "kernels", "cudnn_forward"]
+__all__ = ["fa4_attention", "kernels"]
 
 
 def kernels():
@@ -30,6 +30,7 @@ def kernels():
                            f"set attn_backend=auto ({e})") from e
 
     def fwd(q, k, v, causal):
+        # return_lse: inside a custom op no input requires grad, and FA4 would then skip the log-sum-exp
         out, lse, *_ = _flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
         return out, lse
 
@@ -38,25 +39,6 @@ def kernels():
         return dq, dk, dv
 
     return fwd, bwd
-
-
-def cudnn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuDNN's SDPA forward with its log-sum-exp, in FlashAttention's layouts: out [B, T, H, D], lse [B, H, T].
-
-    cuDNN's forward is the faster of the two on Hopper at head_dim 64 and FA4's backward the faster
-    (docs/performance.md); both define lse as the natural log of sum_j exp(q.k_j / sqrt(D)), so FA4's backward
-    can start from cuDNN's forward."""
-    B, T, H, _ = q.shape
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False)
-    out, lse = res[0], res[1]
-    return out.transpose(1, 2).contiguous(), lse.reshape(B, H, T).contiguous()
-
-
-@torch.library.custom_op("golfnb::cudnn_fa4_fwd", mutates_args=())
-def _cudnn_fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return cudnn_forward(q, k, v, causal)
 
 
 @torch.library.custom_op("golfnb::fa4_fwd", mutates_args=())
@@ -69,9 +51,6 @@ def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) ->
 def _fa4_fwd_fake(q, k, v, causal):
     B, T, H, _ = q.shape
     return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
-
-
-_cudnn_fa4_fwd.register_fake(_fa4_fwd_fake)
 
 
 @torch.library.custom_op("golfnb::fa4_bwd", mutates_args=())
@@ -101,20 +80,13 @@ def _backward(ctx, dout, dlse):
 
 
 _fa4_fwd.register_autograd(_backward, setup_context=_setup)
-_cudnn_fa4_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                  forward: str = "fa4") -> torch.Tensor:
-    """Causal attention with FlashAttention-4's backward, differentiable in q, k and v; [B, T, H, D] out.
-
-    `forward`: "fa4" (FA4's forward kernel) or "cudnn" (cuDNN's, via `cudnn_forward`)."""
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Causal attention through FlashAttention-4, differentiable in q, k and v; [B, T, H, D] out."""
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attn_backend=fa4 takes bf16/fp16 q, k, v of one dtype (got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}); run under bf16 autocast or pick attn_backend=sdpa_cudnn")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
-    if forward not in ("fa4", "cudnn"):
-        raise ValueError(f"forward must be 'fa4' or 'cudnn', got {forward!r}")
-    op = _fa4_fwd if forward == "fa4" else _cudnn_fa4_fwd
-    return op(q, k, v, causal)[0]
+    return _fa4_fwd(q, k, v, causal)[0]

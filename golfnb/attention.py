@@ -6,10 +6,9 @@ Layout everywhere is the FlashAttention one: q [B, T, H, D], k and v [B, T, Hk, 
 - ``fa3``: FlashAttention-3 (`flash_attn_interface.flash_attn_func`), what the records ran on H100. Used only
   if the package is already installed; golfnb never downloads kernels.
 - ``fa4``: FlashAttention-4 (the CuTe-DSL kernels of the `flash-attn-4` package, Hopper and Blackwell), wrapped
-  as two opaque custom ops (`golfnb._fa4`) so that torch.compile keeps its graph whole. Used only if installed;
-  never picked by ``auto`` until it has been measured faster than cuDNN on the shapes it would replace.
-- ``cudnn_fa4``: cuDNN's SDPA forward with FA4's backward (each the faster kernel of its direction on an H100
-  at head_dim 64), joined through the forward's log-sum-exp.
+  as two opaque custom ops (`golfnb._fa4`) so that torch.compile keeps its graph whole. Used only if installed
+  and asked for: on one H100 it made pr1514's step 2.3 % faster than cuDNN SDPA, but ``auto`` keeps cuDNN until
+  the 200-step equal-steps check has been run with it (docs/performance.md).
 - ``fa2``: FlashAttention-2 (`flash_attn.flash_attn_func`, the `flash-attn` package, extra ``[flash]``); native
   GQA like FA3. Never picked by ``auto``: it has not been timed against cuDNN SDPA on H100, so ask for it
   explicitly (``attn_backend=fa2``) and compare with `golfnb bench`.
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 __all__ = ["attention", "resolve_backend", "available_backends", "BACKENDS"]
 
-BACKENDS = ("fa3", "cudnn_fa4", "fa4", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math")
+BACKENDS = ("fa3", "fa4", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math")
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,8 +81,6 @@ def available_backends(device: torch.device | str) -> list[str]:
             out.append("fa3")
         if _fa4_available() and major in (9, 10):
             out.append("fa4")
-            if "sdpa_cudnn" in out:
-                out.append("cudnn_fa4")
         if _fa2_available() and major >= 8:
             out.append("fa2")
     return out
@@ -166,13 +163,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return _math_attention(q, k, v, causal)
     if backend == "fa3":
         return _fa3(q, k, v, causal)
-    if backend == "cudnn_fa4" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                    or v.requires_grad)):
-        backend = "sdpa_cudnn"  # nothing to differentiate (evals): cuDNN's forward alone, no log-sum-exp kept
-    if backend in ("fa4", "cudnn_fa4"):
+    if backend == "fa4":
         from golfnb._fa4 import fa4_attention  # registers its custom ops on first use
 
-        return fa4_attention(q, k, v, causal, forward="fa4" if backend == "fa4" else "cudnn")
+        return fa4_attention(q, k, v, causal)
     if backend == "fa2":
         return _fa2(q, k, v, causal)
     return _sdpa(q, k, v, causal, backend)

@@ -50,7 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("shuffled", "sequential", "coprime"),
     "mlp_activation": ("leaky_relu2", "relu2"),
     "parallel_residual": ("none", "two_lane", "gptj", "routed"),
-    "attn_backend": ("auto", "fa3", "cudnn_fa4", "fa4", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math"),
+    "attn_backend": ("auto", "fa3", "fa4", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math"),
     "ce_backend": ("auto", "triton", "torch"),
     "mlp_backend": ("auto", "triton", "torch"),
     "grad_clip_mode": ("global", "per_rank"),

@@ -602,6 +602,8 @@ def plan_modules(cfg: Hyperparameters, select: bool = True) -> PackPlan:
     if not select:
         return PackPlan(full, {}, methods, None, code_hash())
     out = {m: why for m, why in _method_modules(methods).items() if why is not None}
+    if cfg.attn_backend != "fa4":  # the FlashAttention-4 wrapper is imported only by that backend
+        out["golfnb._fa4"] = f"FlashAttention-4 (attn_backend={cfg.attn_backend!r}, not 'fa4')"
     kept = module_closure(ROOT_MODULES, set(EXCLUDED_MODULES) | set(out) | {LEGALITY_MODULE})
     left = {m: out.get(m, "modules only they import") for m in full if m not in kept and m != LEGALITY_MODULE}
     dropped: dict[str, str] = {}

@@ -354,7 +354,7 @@ def _requirements(cfg: Hyperparameters, env: dict[str, Any]) -> str:
     if e.get("attn_backend") == "fa3":
         lines.append("# FlashAttention-3 (flash_attn_interface) ran the attention: install its wheel for identical "
                      "kernels; without it the script falls back to PyTorch SDPA")
-    if e.get("attn_backend") in ("fa4", "cudnn_fa4"):
+    if e.get("attn_backend") == "fa4":
         lines.append("# FlashAttention-4 (flash-attn-4, flash_attn.cute) ran the attention: install it for identical "
                      "kernels; without it the script falls back to PyTorch SDPA")
     return "\n".join(lines) + "\n"

@@ -2,13 +2,13 @@
 # Attention backends on ONE GPU at pr1514's training shape (48 x 2048 tokens, 8 query / 4 KV heads, head_dim 64,
 # causal, bf16): forward and forward + backward per backend (median of 20 after a 5 s spin), TFLOP/s on the
 # causal FLOP count, and each backend's output and gradients against cuDNN SDPA's. Backends: every one of
-# BACKENDS (default "sdpa_cudnn cudnn_fa4 fa4 fa3 sdpa_flash") that can run here.
+# BACKENDS (default "sdpa_cudnn fa4 fa3 sdpa_flash") that can run here.
 #   OUT=/tmp/out scripts/gpu_attention_check.sh        # -> $OUT/attention.log
 set -u
 OUT=${OUT:-$PWD/out}
 STAGES=attention
 . scripts/gpu_env.sh
-BACKENDS=${BACKENDS:-sdpa_cudnn cudnn_fa4 fa4 fa3 sdpa_flash} timeout "${ATTN_TIMEOUT:-300}" python3 - > "$OUT/attention.log" 2>&1 <<'PY'
+BACKENDS=${BACKENDS:-sdpa_cudnn fa4 fa3 sdpa_flash} timeout "${ATTN_TIMEOUT:-300}" python3 - > "$OUT/attention.log" 2>&1 <<'PY'
 import os, time
 import torch
 from golfnb.attention import attention, available_backends

@@ -5,7 +5,7 @@
 #   plain  ce_backend=torch mlp_backend=torch merge_qkv=false (the reference paths: cuBLAS + Inductor only)
 #   fast   ce_backend=auto mlp_backend=auto merge_qkv=true (the fused Triton cross-entropy and MLP on CUDA, one
 #          q/k/v GEMM)
-# FAST_EXTRA adds --set options to the fast arm only (e.g. "--set attn_backend=cudnn_fa4" where FlashAttention-4 is
+# FAST_EXTRA adds --set options to the fast arm only (e.g. "--set attn_backend=fa4" where FlashAttention-4 is
 # installed; the plain arm then keeps cuDNN SDPA, resolved by auto).
 # BATCH sets train_batch_tokens (default: the record's 786,432; a smaller one shortens the check; two arms at the
 # record batch need ~80 GB together). DEADLINE (seconds, default 0 = none) stops both arms when reached, and the

@@ -38,7 +38,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-# FlashAttention-4 when scripts/gpu_fa4_install.sh has put it on this machine (attn_backend=fa4 / cudnn_fa4)
+# FlashAttention-4 when scripts/gpu_fa4_install.sh has put it on this machine (attn_backend=fa4)
 if [ -f "${FA4_SITE:-/tmp/fa4site}.path" ]; then export PYTHONPATH=$PYTHONPATH:$(cat "${FA4_SITE:-/tmp/fa4site}.path"); fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$L/gpu.txt" 2>&1

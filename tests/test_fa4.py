@@ -65,12 +65,7 @@ def reference_kernels(monkeypatch):
         calls.append("bwd")
         return _ref_bwd(*args)
 
-    def cudnn(q, k, v, causal):
-        calls.append("cudnn")
-        return _ref_fwd(q, k, v, causal)
-
     monkeypatch.setattr(_fa4, "kernels", lambda: (fwd, bwd))
-    monkeypatch.setattr(_fa4, "cudnn_forward", cudnn)
     return calls
 
 
@@ -79,10 +74,9 @@ def _qkv(B=2, T=24, H=8, Hk=4, D=16, dtype=torch.bfloat16):
     return [torch.randn(B, T, h, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
 
 
-@pytest.mark.parametrize("forward", ["fa4", "cudnn"])
-def test_fa4_wrapper_output_and_gradients_match_math(reference_kernels, forward):
+def test_fa4_wrapper_output_and_gradients_match_math(reference_kernels):
     q, k, v = (t.requires_grad_() for t in _qkv())
-    out = _fa4.fa4_attention(q, k, v, causal=True, forward=forward)
+    out = _fa4.fa4_attention(q, k, v, causal=True)
     qm, km, vm = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = attention(qm, km, vm, backend="math")
     assert out.shape == q.shape and out.dtype == torch.bfloat16
@@ -94,7 +88,7 @@ def test_fa4_wrapper_output_and_gradients_match_math(reference_kernels, forward)
         assert got.shape == want.shape, name
         rel = (got.float() - want).norm() / want.norm()
         assert rel < 2e-2, f"d{name} off by {rel:.3g} relative"
-    assert reference_kernels == [forward if forward == "cudnn" else "fwd", "bwd"]
+    assert reference_kernels == ["fwd", "bwd"]
 
 
 def test_fa4_fake_shapes_follow_flash_attention_layout():
@@ -126,21 +120,6 @@ def test_fa4_ops_trace_under_compile_without_graph_breaks(reference_kernels):
     assert torch.allclose(q.grad, qe.grad) and torch.allclose(k.grad, ke.grad) and torch.allclose(v.grad, ve.grad)
 
 
-def test_cudnn_fa4_without_gradients_is_plain_cudnn_sdpa(monkeypatch, reference_kernels):
-    """Evals (no autograd) skip the custom ops: cuDNN's SDPA alone, without keeping the log-sum-exp."""
-    from golfnb import attention as A
-
-    seen = []
-    monkeypatch.setattr(A, "_sdpa", lambda q, k, v, causal, backend: seen.append(backend) or q)
-    q, k, v = _qkv()
-    with torch.no_grad():
-        A.attention(q, k, v, backend="cudnn_fa4")
-    A.attention(q, k, v, backend="cudnn_fa4")  # no input requires grad
-    assert seen == ["sdpa_cudnn", "sdpa_cudnn"] and reference_kernels == []
-    A.attention(q.requires_grad_(), k, v, backend="cudnn_fa4")
-    assert reference_kernels == ["cudnn"] and seen == ["sdpa_cudnn", "sdpa_cudnn"]
-
-
 def test_fa4_rejects_fp32_and_bad_head_counts_with_a_fix():
     q, k, v = _qkv(dtype=torch.float32)
     with pytest.raises(ValueError, match="bf16"):
@@ -151,12 +130,9 @@ def test_fa4_rejects_fp32_and_bad_head_counts_with_a_fix():
 
 
 def test_fa4_is_never_offered_on_cpu_and_asking_for_it_says_what_to_set():
-    assert "fa4" not in available_backends("cpu") and "cudnn_fa4" not in available_backends("cpu")
-    for name in ("fa4", "cudnn_fa4"):
-        with pytest.raises(ValueError, match="attn_backend=auto"):
-            resolve_backend(name, "cpu")
-    with pytest.raises(ValueError, match="'fa4' or 'cudnn'"):
-        _fa4.fa4_attention(*_qkv(), forward="flash")
+    assert "fa4" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="attn_backend=auto"):
+        resolve_backend("fa4", "cpu")
     assert resolve_backend("auto", "cpu") == "sdpa"
 
 
@@ -178,14 +154,13 @@ def test_fa2_detection_ignores_the_fa4_namespace(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["fa4", "cudnn_fa4"])
-def test_gpu_fa4_forward_and_gradients_agree_with_math(backend):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"{backend}: flash-attn-4 not installed or not a Hopper/Blackwell GPU")
+def test_gpu_fa4_forward_and_gradients_agree_with_math():
+    if "fa4" not in available_backends("cuda"):
+        pytest.skip("flash-attn-4 not installed or not a Hopper/Blackwell GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 1024, h, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for h in (8, 4, 4))
-    out = attention(q, k, v, backend=backend)
+    out = attention(q, k, v, backend="fa4")
     qm, km, vm = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = attention(qm, km, vm, backend="math")
     assert (out.double() - ref).norm() / ref.norm() < 1e-2

@@ -317,7 +317,11 @@ def test_selection_packs_only_what_the_eval_passes_use():
         assert len(mods[m][0]) < 400 and "Gone" in mods[m][0]
     assert "def evaluate_plain" in mods["golfnb.evals.plain"][0]
     _full_mods, full = _packed_modules(preset("smoke"))  # sliding + ttt + tilt
-    assert full.methods == ["plain", "sliding", "ttt+tilt"] and set(full.left_out) == {"golfnb.evals.slot"}
+    assert full.methods == ["plain", "sliding", "ttt+tilt"] and set(full.left_out) == {"golfnb.evals.slot",
+                                                                                      "golfnb._fa4"}
+    # the FlashAttention-4 wrapper only where the config asks for that backend
+    assert "golfnb._fa4" not in _packed_modules(preset("smoke", attn_backend="fa4"))[1].left_out
+    assert "Gone" in _full_mods["golfnb._fa4"][0]
     slot_cfg = preset("smoke", slot_enabled=True, final_eval="slot", ttt_enabled=False, ngram_tilt_enabled=False)
     methods = pack.eval_method_keys(slot_cfg)
     needs = {m for m, why in pack._method_modules(methods).items() if why is None}
