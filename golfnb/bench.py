@@ -24,7 +24,7 @@ from golfnb.provenance import device_name
 
 _T_PROCESS = time.perf_counter()
 
-__all__ = ["run_bench", "run_ce_bench", "SyntheticLoader", "main", "add_bench_parser"]
+__all__ = ["run_bench", "run_ce_bench", "SyntheticLoader", "main", "add_bench_parser", "median_ms"]
 
 
 class SyntheticLoader:
@@ -44,6 +44,32 @@ class SyntheticLoader:
 
     def load_state_dict(self, st: dict) -> None:
         self.gen.set_state(st["gen"])
+
+
+def median_ms(fn, reps: int = 20, warmup: int = 3, setup=None, device: torch.device | str | None = None) -> float:
+    """Median milliseconds of `fn()` over `reps` calls after `warmup` untimed ones; `setup()` (untimed) runs
+    before each call, e.g. to restore an input a kernel overwrites. CUDA events on a GPU (the kernels' device
+    time, synchronised per call), the wall clock on CPU."""
+    cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
+    ms: list[float] = []
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            fn()
+            ev[1].record()
+            torch.cuda.synchronize()
+            t = ev[0].elapsed_time(ev[1])
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            ms.append(t)
+    ms.sort()
+    return ms[len(ms) // 2]
 
 
 def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:

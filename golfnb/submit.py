@@ -351,12 +351,14 @@ def _requirements(cfg: Hyperparameters, env: dict[str, Any]) -> str:
              f"# versions the seeds ran with: python {e.get('python')}, torch {e.get('torch')}, numpy "
              f"{e.get('numpy')}, sentencepiece {e.get('sentencepiece')}, CUDA {e.get('cuda')}",
              "torch", "numpy", "sentencepiece", *comp]
-    if e.get("attn_backend") == "fa3":
-        lines.append("# FlashAttention-3 (flash_attn_interface) ran the attention: install its wheel for identical "
-                     "kernels; without it the script falls back to PyTorch SDPA")
-    if e.get("attn_backend") == "fa4":
-        lines.append("# FlashAttention-4 (flash-attn-4, flash_attn.cute) ran the attention: install it for identical "
-                     "kernels; without it the script falls back to PyTorch SDPA")
+    attn = {  # fa3 comes from attn_backend=auto, which falls back; fa4 is only ever asked for by name
+        "fa3": "FlashAttention-3 (flash_attn_interface) ran the attention: install its wheel for identical kernels; "
+               "without it the script falls back to PyTorch SDPA",
+        "fa4": "FlashAttention-4 (flash-attn-4, flash_attn.cute) ran the attention: the config asks for it "
+               "(attn_backend=fa4), so install it, or repack with attn_backend=auto for PyTorch SDPA",
+    }.get(e.get("attn_backend"))
+    if attn:
+        lines.append("# " + attn)
     return "\n".join(lines) + "\n"
 
 

@@ -22,14 +22,7 @@ avail = available_backends("cuda")
 names = [b for b in os.environ["BACKENDS"].split() if b in avail]
 print(f"shape B={B} T={T} H={H} Hk={Hk} D={D}; available: {', '.join(avail)}; timing: {', '.join(names)}")
 
-def timed(fn, reps=20):
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ms = []
-    for i in range(reps + 3):
-        ev[0].record(); fn(); ev[1].record(); torch.cuda.synchronize()
-        if i >= 3:
-            ms.append(ev[0].elapsed_time(ev[1]))
-    ms.sort(); return ms[len(ms) // 2]
+from golfnb.bench import median_ms as timed
 
 def run(name):
     q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the FlashAttention-4 bundle of scripts/make_fa4_bundle.sh into a private folder
-# (SITE, default /tmp/fa4site) and print the PYTHONPATH that makes it importable. The pieces may arrive in two
-# sittings (the carry limit): STASH=DIR first copies whatever pieces are here into DIR and stops when any is
-# still missing, so a later call with the rest completes the install.
+# (SITE, default /tmp/fa4site) and write the PYTHONPATH that makes it importable to SITE.path. The pieces may
+# arrive in two sittings (where transfers have a size limit): STASH=DIR first copies whatever pieces are here into
+# DIR and stops (exit 3) when any is still missing, so a later run with the rest completes the install.
 #   STASH=/tmp/fa4parts scripts/gpu_fa4_install.sh .carry-fa4      # then: export PYTHONPATH=$(cat /tmp/fa4site.path)
 set -eu
 SRC=${1:-.carry-fa4}

@@ -24,14 +24,7 @@ u = (torch.randn(H, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
 w = (torch.randn(d, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
 dy = torch.randn(M, d, device="cuda", generator=g).bfloat16()
 
-def timed(fn, reps=20):
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ms = []
-    for i in range(reps + 3):
-        ev[0].record(); fn(); ev[1].record(); torch.cuda.synchronize()
-        if i >= 3:
-            ms.append(ev[0].elapsed_time(ev[1]))
-    ms.sort(); return ms[len(ms) // 2]
+from golfnb.bench import median_ms as timed
 
 def fwd_bwd(f):
     x = x0.clone().requires_grad_(); uu = u.clone().requires_grad_(); ww = w.clone().requires_grad_()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (flash-attn-4, CuTe DSL) for an offline GPU machine with Python 3.12 and CUDA 13, packed in
-# pieces small enough to carry: the CuTe-DSL compiler library alone is a 92 MB wheel (237 MB unpacked), so it
+# pieces that fit size-limited transfers: the CuTe-DSL compiler library alone is a 92 MB wheel (237 MB unpacked), so it
 # travels as an xz tarball split in two (DIR/libs.tar.xz.part-aa, -ab) next to the small wheels (DIR/*.whl).
 # Needs PyPI. On the GPU machine, scripts/gpu_fa4_install.sh puts the pieces back together.
 #   scripts/make_fa4_bundle.sh .carry-fa4          # ~65 MB in all

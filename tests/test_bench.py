@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 from pathlib import Path
 
@@ -111,3 +112,18 @@ def test_kernel_sources_are_found_by_name_and_ranked_per_call(tmp_path: Path) ->
     assert "graph A" in text and "graph B" in text and "mul_1" not in text and "nvjet" not in text
     both = bench._write_sources(kernels, 5, tmp_path / "src2.py", cache).read_text()
     assert both.index("add_3") < both.index("mul_1") and "nvjet" not in both
+
+
+def test_median_ms_times_only_fn_after_its_warmup() -> None:
+    """setup is outside the timed region, warm-up calls are dropped, and the median is of the timed calls."""
+    from golfnb.bench import median_ms
+
+    calls, setups = [], []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02 if len(calls) <= 2 else 0.001)  # two slow warm-up calls
+
+    ms = median_ms(fn, reps=5, warmup=2, setup=lambda: setups.append(1) or time.sleep(0.03), device="cpu")
+    assert len(calls) == 7 and len(setups) == 7
+    assert 0.5 < ms < 15, ms

@@ -14,9 +14,10 @@ from golfnb import _fa4
 from golfnb.attention import attention, available_backends, resolve_backend
 
 
-def _ref_fwd(q, k, v, causal):
-    """softmax(q k^T / sqrt(D)) v with its log-sum-exp [B, H, T], GQA by head groups (FlashAttention's layout)."""
-    B, T, H, D = q.shape
+def _ref_scores(q, k, v, causal):
+    """fp64 [B, H, T, D] views of q, k, v (K/V repeated over each KV head's query-head group: FlashAttention's GQA)
+    and the masked scores q k^T / sqrt(D)."""
+    T, H, D = q.shape[1:]
     g = H // k.shape[2]
     qf = q.double().transpose(1, 2)
     kf = k.double().repeat_interleave(g, dim=2).transpose(1, 2)
@@ -24,9 +25,14 @@ def _ref_fwd(q, k, v, causal):
     s = qf @ kf.transpose(-1, -2) / math.sqrt(D)
     if causal:
         s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    return qf, kf, vf, s
+
+
+def _ref_fwd(q, k, v, causal):
+    """softmax(q k^T / sqrt(D)) v with its log-sum-exp [B, H, T]."""
+    _, _, vf, s = _ref_scores(q, k, v, causal)
     out = torch.softmax(s, dim=-1) @ vf
-    return out.transpose(1, 2).to(q.dtype), lse.float()
+    return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, dim=-1).float()
 
 
 def _ref_bwd(dout, q, k, v, out, lse, causal):
@@ -38,12 +44,8 @@ def _ref_bwd(dout, q, k, v, out, lse, causal):
     B, T, H, D = q.shape
     Hk = k.shape[2]
     g = H // Hk
-    qf, do, of = (t.double().transpose(1, 2) for t in (q, dout, out))
-    kf = k.double().repeat_interleave(g, dim=2).transpose(1, 2)
-    vf = v.double().repeat_interleave(g, dim=2).transpose(1, 2)
-    s = qf @ kf.transpose(-1, -2) / math.sqrt(D)
-    if causal:
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    qf, kf, vf, s = _ref_scores(q, k, v, causal)
+    do, of = (t.double().transpose(1, 2) for t in (dout, out))
     p = torch.softmax(s, dim=-1)
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ vf.transpose(-1, -2) - (do * of).sum(-1, keepdim=True))

@@ -268,3 +268,15 @@ def test_submission_notebook_is_committed_clean():
         assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
         ast.literal_eval(stmt.value)
     assert not any(line.lstrip().startswith("!") for c in code for line in "".join(c["source"]).splitlines())
+
+
+def test_requirements_name_the_attention_kernels_the_seeds_ran():
+    from golfnb.submit import _requirements
+
+    cfg = preset("smoke")
+    base = _requirements(cfg, {"environment": {}})
+    assert "FlashAttention" not in base and "torch" in base.splitlines()
+    fa3 = _requirements(cfg, {"environment": {"attn_backend": "fa3"}})
+    assert "FlashAttention-3" in fa3 and "falls back" in fa3
+    fa4 = _requirements(cfg, {"environment": {"attn_backend": "fa4"}})
+    assert "FlashAttention-4" in fa4 and "attn_backend=auto" in fa4 and "falls back" not in fa4
