@@ -77,7 +77,9 @@ def _over_size(d: Path) -> None:
 def _script_edited_after_the_run(d: Path) -> None:
     f = d / "train_gpt.py"
     payload = pack.unwrap(f.read_text())
-    edited = payload.replace("_M['golfnb.io']=(False,r'''", "_M['golfnb.io']=(False,r'''X=1\n", 1)
+    # incompressible bytes: a short edit can leave the LZMA stream, and so the logged code size, unchanged
+    noise = hashlib.sha256(b"edited").hexdigest()
+    edited = payload.replace("_M['golfnb.io']=(False,r'''", f"_M['golfnb.io']=(False,r'''X={noise!r}\n", 1)
     assert edited != payload
     f.write_text(pack.wrap(edited))
 
