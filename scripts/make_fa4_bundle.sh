@@ -3,7 +3,7 @@
 # pieces that fit size-limited transfers: the CuTe-DSL compiler library alone is a 92 MB wheel (237 MB unpacked), so it
 # travels as an xz tarball split in two (DIR/libs.tar.xz.part-aa, -ab) next to the small wheels (DIR/*.whl).
 # Needs PyPI. On the GPU machine, scripts/gpu_fa4_install.sh puts the pieces back together.
-#   scripts/make_fa4_bundle.sh .carry-fa4          # ~65 MB in all
+#   scripts/make_fa4_bundle.sh .carry-fa4          # ~71 MB in all
 set -eu
 DIR=${1:-.carry-fa4}
 FA4=${FA4_VERSION:-4.0.0b40}
