@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "resolve_backend", "available_backends", "BACKENDS"]
+__all__ = ["attention", "resolve_backend", "available_backends", "backend_options", "BACKENDS"]
 
 BACKENDS = ("fa3", "fa4", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "math")
 
@@ -102,7 +102,21 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name not in avail:
         raise ValueError(f"attention backend {name!r} cannot run on {dev} (available: {', '.join(avail)}); "
                          f"set attn_backend=auto")
+    if name == "fa4":
+        from golfnb._fa4 import check_options
+
+        check_options()  # a bad GOLFNB_FA4_FWD / _BWD fails here, not in the first compiled step
     return name
+
+
+def backend_options(backend: str) -> dict[str, dict[str, int | bool]]:
+    """Kernel options a backend runs with beyond its name (for logs and manifests): the GOLFNB_FA4_FWD /
+    GOLFNB_FA4_BWD overrides for fa4, nothing for the others. Empty dicts mean the library's own choice."""
+    if backend != "fa4":
+        return {}
+    from golfnb._fa4 import check_options
+
+    return check_options()
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -87,7 +87,7 @@ def _time_steps(tr, n: int, lr_scale: float = 1.0) -> list[float]:
 
 def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: str | None = None,
               kernel_sources_top: int = 0) -> dict[str, Any]:
-    from golfnb.attention import available_backends, resolve_backend
+    from golfnb.attention import available_backends, backend_options, resolve_backend
     from golfnb.fused_ce import resolve_ce_backend
     from golfnb.fused_mlp import resolve_mlp_backend
     from golfnb.distributed import init_distributed
@@ -130,7 +130,8 @@ def run_bench(cfg, steps: int = 20, data: str = "auto", log=print, profile_dir: 
     startup_s = time.perf_counter() - _T_PROCESS
     peak = _peak_flops(device)
     result: dict[str, Any] = {"preset_run_id": cfg.run_id, "device": device_name(device),
-                              "world_size": dist.world_size, "attn_backend": backend, "ce_backend": model.ce_backend,
+                              "world_size": dist.world_size, "attn_backend": backend,
+                              "attn_options": backend_options(backend), "ce_backend": model.ce_backend,
                               "mlp_backend": model.mlp_backend,
                               # what else could run here: says whether fa3/fa2 were installed at all
                               "attn_backends_available": available_backends(device), "data": source,

@@ -421,7 +421,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
     check_data: read every shard once before training (header, ids, manifest sha256; see `verify_data`).
     Off, only headers are checked up front and a bad token id surfaces when its batch is read.
     """
-    from golfnb.attention import resolve_backend
+    from golfnb.attention import backend_options, resolve_backend
     from golfnb.fused_ce import resolve_ce_backend
     from golfnb.fused_mlp import resolve_mlp_backend
     from golfnb.bpb import build_byte_luts, check_tokenizer
@@ -494,12 +494,15 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
             "environment": environment_info(device, backend),
             "run": {"run_dir": str(run_dir), "world_size": dist.world_size, "grad_accum_steps": grad_accum,
                     "micro_batch_seqs": micro, "device": str(device), "attn_backend": backend,
+                    "attn_options": backend_options(backend),
                     "ce_backend": model.ce_backend, "mlp_backend": model.mlp_backend,
                     "model_params": n_params, "compile_mode": cfg.compile_mode, "resume": resume},
             "config": cfg.to_dict(),
             "data": data_summary(cfg.data_path, cfg.tokenizer_path) | {"val_tokens": int(val_tokens.numel()) - 1},
         })
-        log.log(f"model_params:{n_params} attn_backend:{backend} ce_backend:{model.ce_backend} "
+        opts = "".join(f" attn_{part}:" + (",".join(f"{k}={int(v)}" for k, v in o.items()) or "default")
+                       for part, o in backend_options(backend).items())
+        log.log(f"model_params:{n_params} attn_backend:{backend}{opts} ce_backend:{model.ce_backend} "
                 f"mlp_backend:{model.mlp_backend} "
                 f"world_size:{dist.world_size} "
                 f"grad_accum_steps:{grad_accum} micro_batch_seqs:{micro}")

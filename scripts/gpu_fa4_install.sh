@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the FlashAttention-4 bundle of scripts/make_fa4_bundle.sh into a private folder
-# (SITE, default /tmp/fa4site) and write the PYTHONPATH that makes it importable to SITE.path. The pieces may
-# arrive in two sittings (where transfers have a size limit): STASH=DIR first copies whatever pieces are here into
-# DIR and stops (exit 3) when any is still missing, so a later run with the rest completes the install.
+# (SITE, default /tmp/fa4site) and write the PYTHONPATH that makes it importable to SITE.path. The library tarball
+# is DIR/libs.tar.xz, or pieces DIR/libs.tar.xz.part-aa, -ab (a bundle made with PART_BYTES) that may arrive in two
+# sittings: STASH=DIR first copies whatever is here into DIR and stops (exit 3) while a piece is still missing,
+# so a later run with the rest completes the install.
 #   STASH=/tmp/fa4parts scripts/gpu_fa4_install.sh .carry-fa4      # then: export PYTHONPATH=$(cat /tmp/fa4site.path)
 set -eu
 SRC=${1:-.carry-fa4}
@@ -10,15 +11,18 @@ STASH=${STASH:-/tmp/fa4parts}
 SITE=${SITE:-/tmp/fa4site}
 mkdir -p "$STASH"
 cp -n "$SRC"/* "$STASH"/ 2>/dev/null || true
-for p in aa ab; do
-  if [ ! -e "$STASH/libs.tar.xz.part-$p" ]; then
-    echo "fa4 bundle: piece $p not here yet ($(ls "$STASH" | tr '\n' ' ')); stashed in $STASH"; exit 3
-  fi
-done
+if [ ! -e "$STASH/libs.tar.xz" ]; then
+  for p in aa ab; do
+    if [ ! -e "$STASH/libs.tar.xz.part-$p" ]; then
+      echo "fa4 bundle: piece $p not here yet ($(ls "$STASH" | tr '\n' ' ')); stashed in $STASH"; exit 3
+    fi
+  done
+fi
 ls "$STASH"/flash_attn_4-*.whl >/dev/null
 rm -rf "$SITE"; mkdir -p "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$STASH"/*.whl
-cat "$STASH"/libs.tar.xz.part-* | xz -d | tar xf - -C "$SITE"
+if [ -e "$STASH/libs.tar.xz" ]; then xz -dc "$STASH/libs.tar.xz"; else cat "$STASH"/libs.tar.xz.part-* | xz -d; fi \
+  | tar xf - -C "$SITE"
 # the wheels' .pth puts the DSL's packages on sys.path; a --target folder's .pth files are not read, so say it here
 echo "$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages" > "$SITE.path"
 PYTHONPATH="$(cat "$SITE.path")" python3 -c "import flash_attn.cute, cutlass; print('fa4', flash_attn.cute.__file__)"

@@ -172,3 +172,138 @@ def test_gpu_fa4_forward_and_gradients_agree_with_math():
     for got, want, name in ((q.grad, qm.grad, "q"), (k.grad, km.grad, "k"), (v.grad, vm.grad, "v")):
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 2e-2, f"d{name} off by {rel:.3g} relative"
+
+
+def test_fa4_options_parse_and_bad_values_say_what_to_change(monkeypatch):
+    assert _fa4.parse_options("tile_m=128, tile_n=192,pack_gqa=0", _fa4.FWD_KEYS, "V") == (
+        ("tile_m", 128), ("tile_n", 192), ("pack_gqa", False))
+    assert _fa4.parse_options("", _fa4.BWD_KEYS, "V") == ()
+    with pytest.raises(ValueError, match="tile_k.*NAME one of tile_m"):
+        _fa4.parse_options("tile_k=64", _fa4.FWD_KEYS, "GOLFNB_FA4_FWD")
+    with pytest.raises(ValueError, match="tile_m wants an integer"):
+        _fa4.parse_options("tile_m=big", _fa4.FWD_KEYS, "GOLFNB_FA4_FWD")
+    with pytest.raises(ValueError, match="pack_gqa is a switch"):
+        _fa4.parse_options("pack_gqa=2", _fa4.FWD_KEYS, "GOLFNB_FA4_FWD")
+    monkeypatch.setenv("GOLFNB_FA4_FWD", "tile_m=128")
+    with pytest.raises(ValueError, match="tile_m and tile_n together"):
+        _fa4.check_options()
+    monkeypatch.setenv("GOLFNB_FA4_FWD", "tile_m=128,tile_n=176")
+    monkeypatch.setenv("GOLFNB_FA4_BWD", "expand_kv=1,tile_n=64")
+    assert _fa4.check_options() == {"fwd": {"tile_m": 128, "tile_n": 176},
+                                    "bwd": {"expand_kv": True, "tile_n": 64}}
+    from golfnb.attention import backend_options
+    assert backend_options("sdpa_cudnn") == {}
+    assert backend_options("fa4")["fwd"] == {"tile_m": 128, "tile_n": 176}
+
+
+def test_fa4_options_reach_the_kernel_calls(monkeypatch):
+    """kernels() hands GOLFNB_FA4_FWD to FA4's forward as its keyword requests and GOLFNB_FA4_BWD as fields
+    replaced in the backward config FA4 itself would select (package modules faked: no GPU here)."""
+    import dataclasses
+    import sys
+    import types
+
+    seen = {}
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        tile_m: int = 128
+        tile_n: int = 128
+        dQ_swapAB: bool = False
+
+    def select_bwd_config(inputs):
+        seen["inputs"] = inputs
+        return Cfg()
+
+    class Inputs:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    def fwd(q, k, v, causal, return_lse, **kw):
+        seen["fwd"] = kw
+        return q, q[..., 0], None
+
+    def bwd(q, k, v, out, dout, lse, causal, **kw):
+        seen["bwd"] = kw
+        return q, k, v
+
+    iface = types.ModuleType("flash_attn.cute.interface")
+    iface._flash_attn_fwd, iface._flash_attn_bwd = fwd, bwd
+    conf = types.ModuleType("flash_attn.cute.config")
+    conf.BwdHeuristicInputs, conf.select_bwd_config = Inputs, select_bwd_config
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("x")),
+                      ("flash_attn.cute.interface", iface), ("flash_attn.cute.config", conf)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(_fa4, "_device_arch", lambda device: 90)
+    f, b = _fa4.kernels()
+    q, k, v = _qkv()
+    monkeypatch.setenv("GOLFNB_FA4_FWD", "tile_m=128,tile_n=192,pack_gqa=0")
+    monkeypatch.setenv("GOLFNB_FA4_BWD", "dQ_swapAB=1,tile_m=64")
+    f(q, k, v, True)
+    assert seen["fwd"] == {"pack_gqa": False, "tile_mn": (128, 192)}
+    b(q, q, k, v, q, q[..., 0], True)
+    assert seen["bwd"] == {"config": Cfg(tile_m=64, tile_n=128, dQ_swapAB=True)}
+    assert (seen["inputs"].device_arch, seen["inputs"].num_heads, seen["inputs"].num_heads_kv,
+            seen["inputs"].causal) == (90, 8, 4, True)
+    monkeypatch.delenv("GOLFNB_FA4_FWD")
+    monkeypatch.delenv("GOLFNB_FA4_BWD")
+    f(q, k, v, True)
+    b(q, q, k, v, q, q[..., 0], True)
+    assert seen["fwd"] == {} and seen["bwd"] == {}  # unset: FA4's own choice
+
+
+def test_fa4_expand_kv_backward_equals_the_grouped_one(reference_kernels, monkeypatch):
+    """expand_kv=1 runs the backward on K/V repeated per query head and sums each group's gradients: the same
+    dK/dV as the kernel's own GQA accumulation (here the fp64 reference)."""
+    q, k, v = _qkv(dtype=torch.float32)  # fp32, so that the per-head gradients are not rounded before the sum
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    out, lse = _fa4._fa4_fwd(q, k, v, True)
+    grads = []
+    for opts in ("", "expand_kv=1"):
+        monkeypatch.setenv("GOLFNB_FA4_BWD", opts)
+        grads.append(_fa4._fa4_bwd(dout, q, k, v, out, lse, True))
+    for a, b in zip(*grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[1][1].abs().sum() > 0 and reference_kernels.count("bwd") == 2
+
+
+def test_fa4_sweep_script_picks_the_fastest_agreeing_configuration(monkeypatch, tmp_path):
+    """scripts/gpu_fa4_sweep.py on CPU with kernels that sleep per configuration: a failing one is recorded,
+    one whose output disagrees is never picked however fast, and the fastest agreeing one lands in fa4_best.env."""
+    import importlib.util
+    import os
+    import time as _time
+    from pathlib import Path
+
+    sleeps = {"": 0.012, "pack_gqa=0": 0.001, "tile_m=128,tile_n=128,mma_pv_is_rs=1,intra_wg_overlap=1": 0.004}
+
+    def fwd(q, k, v, causal):
+        opts = os.environ.get("GOLFNB_FA4_FWD", "")
+        if opts == "tile_m=128,tile_n=160,mma_pv_is_rs=1,intra_wg_overlap=1":
+            raise RuntimeError("config rejected")
+        _time.sleep(sleeps.get(opts, 0.02))
+        out, lse = _ref_fwd(q, k, v, causal)
+        return (out * 1.5 if opts == "pack_gqa=0" else out), lse  # the fastest one is wrong
+
+    def bwd(*args):
+        _time.sleep(0.002 if os.environ.get("GOLFNB_FA4_BWD") == "expand_kv=1" else 0.01)
+        return _ref_bwd(*args)
+
+    monkeypatch.setattr(_fa4, "kernels", lambda: (fwd, bwd))
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "scripts" / "gpu_fa4_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for name, value in (("OUT", str(tmp_path)), ("DEVICE", "cpu"), ("B", "1"), ("T", "32"), ("SPIN", "0"),
+                        ("SWEEP_BUDGET", "600")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GOLFNB_FA4_FWD", "")
+    monkeypatch.setenv("GOLFNB_FA4_BWD", "")
+    monkeypatch.setattr(sweep, "BWD", ["", "expand_kv=1", "dQ_swapAB=1"])
+    assert sweep.main() == 0
+    import json
+    res = json.loads((tmp_path / "fa4_sweep.json").read_text())
+    failed = [r["opts"] for r in res["rows"] if "error" in r]
+    assert failed == ["tile_m=128,tile_n=160,mma_pv_is_rs=1,intra_wg_overlap=1"]
+    assert (tmp_path / "fa4_best.env").read_text() == (
+        "GOLFNB_FA4_FWD=tile_m=128,tile_n=128,mma_pv_is_rs=1,intra_wg_overlap=1\nGOLFNB_FA4_BWD=expand_kv=1\n")
