@@ -34,8 +34,6 @@ FWD = [
     "tile_m=128,tile_n=160,mma_pv_is_rs=1,intra_wg_overlap=1",
     "tile_m=128,tile_n=176,mma_pv_is_rs=1,intra_wg_overlap=1",
     "tile_m=128,tile_n=192,mma_pv_is_rs=1,intra_wg_overlap=1",
-    "tile_m=128,tile_n=192,mma_pv_is_rs=1,intra_wg_overlap=0",
-    "tile_m=192,tile_n=128,mma_pv_is_rs=1,intra_wg_overlap=0",
     "tile_m=192,tile_n=160,mma_pv_is_rs=1,intra_wg_overlap=0",
     "tile_m=192,tile_n=192,mma_pv_is_rs=1,intra_wg_overlap=0",
     "tile_m=128,tile_n=128,mma_pv_is_rs=0,intra_wg_overlap=1",
@@ -56,7 +54,8 @@ BWD = [
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 def main() -> int:
@@ -131,7 +130,26 @@ def main() -> int:
         if base:
             print(f"{kind}: default {base['ms']:.3f} ms; fastest agreeing {fastest['ms']:.3f} ms "
                   f"[{fastest['opts'] or 'default'}] -> picked [{pick or 'default'}]", flush=True)
-    (out_dir / "fa4_sweep.json").write_text(json.dumps({"shape": [B, T, H, Hk, D], "rows": rows, "best": best},
+    # the default and each picked configuration against the math backend (fp32) on the first batch rows: the
+    # sweep's own correctness check, so a picked configuration is known right against the formula, not just
+    # against FA4's default
+    from golfnb.attention import attention
+
+    nb = min(B, 4)
+    qm, km, vm = (t[:nb].detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention(qm, km, vm, backend="math")
+    ref.backward(do[:nb].float())
+    math_err = {}
+    for kind_opts in {("", ""), (best.get("fwd", ""), best.get("bwd", ""))}:
+        os.environ["GOLFNB_FA4_FWD"], os.environ["GOLFNB_FA4_BWD"] = kind_opts
+        o, lse = _fa4._fa4_fwd(q, k, v, True)
+        grads = _fa4._fa4_bwd(do, q, k, v, o, lse, True)
+        key = f"fwd[{kind_opts[0] or 'default'}] bwd[{kind_opts[1] or 'default'}]"
+        math_err[key] = {"out": rel(o[:nb], ref), **{n: rel(gr[:nb], r.grad) for n, gr, r in
+                                                       zip(("dq", "dk", "dv"), grads, (qm, km, vm))}}
+        print(f"vs math, {key}: " + ", ".join(f"{n} {e:.1e}" for n, e in math_err[key].items()), flush=True)
+    (out_dir / "fa4_sweep.json").write_text(json.dumps({"shape": [B, T, H, Hk, D], "rows": rows, "best": best,
+                                                        "vs_math": math_err},
                                                        indent=1))
     (out_dir / "fa4_best.env").write_text(f"GOLFNB_FA4_FWD={best.get('fwd', '')}\nGOLFNB_FA4_BWD={best.get('bwd', '')}\n")
     return 0

@@ -305,5 +305,7 @@ def test_fa4_sweep_script_picks_the_fastest_agreeing_configuration(monkeypatch, 
     res = json.loads((tmp_path / "fa4_sweep.json").read_text())
     failed = [r["opts"] for r in res["rows"] if "error" in r]
     assert failed == ["tile_m=128,tile_n=160,mma_pv_is_rs=1,intra_wg_overlap=1"]
+    assert len(res["vs_math"]) == 2  # the default and the picked pair, each against the math backend
+    assert all(err < 1e-2 for errs in res["vs_math"].values() for err in errs.values())  # bf16 rounding
     assert (tmp_path / "fa4_best.env").read_text() == (
         "GOLFNB_FA4_FWD=tile_m=128,tile_n=128,mma_pv_is_rs=1,intra_wg_overlap=1\nGOLFNB_FA4_BWD=expand_kv=1\n")
