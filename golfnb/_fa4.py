@@ -34,7 +34,8 @@ import os
 
 import torch
 
-__all__ = ["fa4_attention", "kernels", "check_options", "parse_options", "fwd_options", "bwd_options", "FWD_KEYS", "BWD_KEYS"]
+__all__ = ["fa4_attention", "kernels", "check_options", "parse_options", "fwd_options", "bwd_options", "FWD_KEYS",
+           "BWD_KEYS"]
 
 FWD_KEYS = ("tile_m", "tile_n", "mma_pv_is_rs", "intra_wg_overlap", "pack_gqa")
 BWD_KEYS = ("tile_m", "tile_n", "num_stages_Q", "num_stages_dO", "num_stages_PdS", "SdP_swapAB", "dKV_swapAB",

@@ -154,7 +154,8 @@ def main() -> int:
     (out_dir / "fa4_sweep.json").write_text(json.dumps({"shape": [B, T, H, Hk, D], "rows": rows, "best": best,
                                                         "vs_math": math_err},
                                                        indent=1))
-    (out_dir / "fa4_best.env").write_text(f"GOLFNB_FA4_FWD={best.get('fwd', '')}\nGOLFNB_FA4_BWD={best.get('bwd', '')}\n")
+    (out_dir / "fa4_best.env").write_text(f"GOLFNB_FA4_FWD={best.get('fwd', '')}\n"
+                                          f"GOLFNB_FA4_BWD={best.get('bwd', '')}\n")
     return 0
 
 
