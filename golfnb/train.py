@@ -464,6 +464,7 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
         torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg, device)
     backend = resolve_backend(cfg.attn_backend, device)
+    attn_opts = backend_options(backend)  # FA4 tile overrides, if any: logged and written to the manifest
     model.set_attn_backend(backend)
     model.set_ce_backend(resolve_ce_backend(cfg.ce_backend, device))
     model.set_mlp_backend(resolve_mlp_backend(cfg.mlp_backend, device, cfg.mlp_activation))
@@ -494,14 +495,14 @@ def prepare(cfg: Hyperparameters, run_dir: str | Path | None = None, *, resume: 
             "environment": environment_info(device, backend),
             "run": {"run_dir": str(run_dir), "world_size": dist.world_size, "grad_accum_steps": grad_accum,
                     "micro_batch_seqs": micro, "device": str(device), "attn_backend": backend,
-                    "attn_options": backend_options(backend),
+                    "attn_options": attn_opts,
                     "ce_backend": model.ce_backend, "mlp_backend": model.mlp_backend,
                     "model_params": n_params, "compile_mode": cfg.compile_mode, "resume": resume},
             "config": cfg.to_dict(),
             "data": data_summary(cfg.data_path, cfg.tokenizer_path) | {"val_tokens": int(val_tokens.numel()) - 1},
         })
         opts = "".join(f" attn_{part}:" + (",".join(f"{k}={int(v)}" for k, v in o.items()) or "default")
-                       for part, o in backend_options(backend).items())
+                       for part, o in attn_opts.items())
         log.log(f"model_params:{n_params} attn_backend:{backend}{opts} ce_backend:{model.ce_backend} "
                 f"mlp_backend:{model.mlp_backend} "
                 f"world_size:{dist.world_size} "

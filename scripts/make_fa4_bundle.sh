@@ -23,6 +23,7 @@ if [ ! -e "$DIR/libs.tar.xz" ] && [ ! -e "$DIR/libs.tar.xz.part-aa" ]; then
   # --x86 (branch/call/jump filter) before LZMA2: ~18 % smaller on the compiler's machine code than -9e alone
   (cd "$tmp" && mkdir x && cd x && python3 -m zipfile -e ../nvidia_cutlass_dsl_libs_cu13-*.whl . \
      && tar cf - --owner=0 --group=0 . | xz --x86 --lzma2=preset=9e,dict=256MiB -T1 > ../libs.tar.xz)
+  sha256sum "$tmp/libs.tar.xz" | cut -d' ' -f1 > "$DIR/libs.tar.xz.sha256"  # the install checks the pieces with it
   if [ "$PART" -gt 0 ]; then split -b "$PART" "$tmp/libs.tar.xz" "$DIR/libs.tar.xz.part-"
   else mv "$tmp/libs.tar.xz" "$DIR/libs.tar.xz"; fi
 fi
